@@ -1,0 +1,28 @@
+"""Run a function in a forked child process and await its result from async Python."""
+
+from ._api import Isolator as Isolator
+from ._api import default_limiter as default_limiter
+from ._api import isolated as isolated
+from ._errors import ChildCrashed as ChildCrashed
+from ._errors import IsolationError as IsolationError
+from ._errors import IsolationTimeout as IsolationTimeout
+from ._errors import RemoteError as RemoteError
+from ._errors import RemoteTraceback as RemoteTraceback
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "ChildCrashed",
+    "IsolationError",
+    "IsolationTimeout",
+    "Isolator",
+    "RemoteError",
+    "RemoteTraceback",
+    "default_limiter",
+    "isolated",
+]
+
+# Public objects say they live here, so tracebacks, reprs and docs show the public path.
+for _name in __all__:
+    globals()[_name].__module__ = __name__
+del _name

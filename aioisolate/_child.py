@@ -1,0 +1,188 @@
+"""What the child does after fork, from its first instruction to ``os._exit``.
+
+The child starts as a copy of the parent in the middle of an event-loop step, with all signals
+blocked (see `_call.spawn`). Before running the function it makes itself a fresh process:
+its own process group, the default signal handlers, no wakeup fd, no running event loop, stdin
+from /dev/null, and none of the parent's other result pipes or pidfds. It then runs the function
+(on a new event loop of the parent's kind if the function is async), writes one frame to the
+result pipe and leaves through ``os._exit``: never by returning or raising into the parent's
+stack, whose ``finally`` blocks and ``atexit`` handlers belong to the parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import gc
+import inspect
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Final, Literal, NoReturn
+
+from . import _platform, _protocol
+
+LoopKind = Literal["asyncio", "uvloop", "trio"]
+
+# Exit codes of a child whose own machinery failed (the function's outcome was not sent).
+EXIT_SEND_FAILED: Final = 120
+EXIT_SETUP_FAILED: Final = 121
+
+
+def run(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    *,
+    write_fd: int,
+    inherited_fds: Iterable[int],
+    sigmask: Iterable[int],
+    parent_pid: int,
+    loop_kind: LoopKind,
+) -> NoReturn:
+    code = EXIT_SETUP_FAILED
+    try:
+        _become_fresh_process(inherited_fds, sigmask, parent_pid)
+        code = EXIT_SEND_FAILED
+        frame = _call(func, args, loop_kind)
+        _write_all(write_fd, frame)
+        code = 0
+    except BaseException:
+        # Our own machinery failed (the parent went away mid-write, say). The parent sees the
+        # exit code; the traceback goes to the child's stderr for whoever debugs it.
+        _print_exception()
+    finally:
+        _flush_stdio()
+        os._exit(code)
+
+
+def _become_fresh_process(
+    inherited_fds: Iterable[int], sigmask: Iterable[int], parent_pid: int
+) -> None:
+    # Our own group: Ctrl-C at the terminal reaches only the parent (which then cancels and
+    # kills us), and one killpg() reaches everything we start.
+    os.setpgid(0, 0)
+    _platform.die_with_parent()
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_SETUP_FAILED)  # the parent died before the line above took effect
+
+    _reset_signal_handlers()
+    # Signals were blocked across fork so that none could run a parent's handler here; with the
+    # handlers reset it is safe to take them again.
+    signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
+
+    # A background process group that reads the terminal is stopped by SIGTTIN.
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+    for fd in inherited_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    _forget_event_loops()
+    # Everything inherited is long-lived: moving it out of the collector's reach means a GC
+    # pass in the child does not write to (and so copy) every page of the parent's heap.
+    gc.freeze()
+
+
+def _reset_signal_handlers() -> None:
+    """Put every handler the parent installed back to what a fresh Python starts with."""
+    # No signal may write to the parent's event loop (asyncio, uvloop and trio all wake up
+    # through this fd).
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
+        current = signal.getsignal(sig)
+        if sig == signal.SIGINT:
+            startup: Any = signal.default_int_handler
+        elif sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            startup = signal.SIG_IGN  # Python ignores these at startup too
+        elif current is signal.SIG_IGN or current is None:
+            # SIG_IGN inherited from our own parent (nohup, say) is kept, as Python keeps it;
+            # None is a handler Python did not install and cannot restore.
+            continue
+        else:
+            startup = signal.SIG_DFL
+        if current is not startup:
+            try:
+                signal.signal(sig, startup)
+            except OSError:
+                pass  # signals reserved by the C library
+
+
+def _forget_event_loops() -> None:
+    """Clear the parent's event-loop state, which fork copied into this thread."""
+    asyncio.events._set_running_loop(None)
+    trio_run = sys.modules.get("trio._core._run")
+    if trio_run is not None:
+        # trio.run() refuses to start while this thread-local says a run is active.
+        vars(trio_run.GLOBAL_RUN_CONTEXT).clear()
+    sniffio = sys.modules.get("sniffio")
+    if sniffio is not None:
+        sniffio.thread_local.name = None
+
+
+def _call(func: Callable[..., Any], args: tuple[Any, ...], loop_kind: LoopKind) -> list[bytes]:
+    """Run the function in a copy of the caller's context and encode what came of it."""
+    context = contextvars.copy_context()
+    sniffio = sys.modules.get("sniffio")
+    if sniffio is not None:
+        # The backend name that anyio set for the caller's task is a context variable.
+        context.run(sniffio.current_async_library_cvar.set, None)
+    try:
+        result = context.run(func, *args)
+        if inspect.isawaitable(result):
+            result = context.run(_run_on_new_loop, result, loop_kind)
+    except BaseException as exc:
+        return _protocol.encode_error(exc)
+    try:
+        return _protocol.encode_result(result)
+    except Exception as exc:
+        return _protocol.encode_unpicklable_result(result, exc)
+
+
+def _run_on_new_loop(awaitable: Awaitable[Any], loop_kind: LoopKind) -> Any:
+    async def main() -> Any:
+        return await awaitable
+
+    if loop_kind == "trio":
+        import trio
+
+        return trio.run(main)
+    if loop_kind == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main())
+    with asyncio.Runner() as runner:
+        return runner.run(main())
+
+
+def _write_all(fd: int, buffers: list[bytes]) -> None:
+    views = [memoryview(b) for b in buffers]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            pass
+
+
+def _print_exception() -> None:
+    try:
+        traceback.print_exc()
+    except BaseException:
+        pass

@@ -1,0 +1,131 @@
+"""The exceptions this library raises about an isolated call.
+
+An exception raised by the isolated function itself is not one of these: it is re-raised in the
+parent as itself, with the child's traceback attached as ``__cause__`` (a `RemoteTraceback`).
+Everything here can be pickled, so an isolated call made inside another isolated call reports
+its failure through both levels intact.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+
+__all__ = [
+    "ChildCrashed",
+    "IsolationError",
+    "IsolationTimeout",
+    "RemoteError",
+    "RemoteTraceback",
+]
+
+
+class IsolationError(Exception):
+    """Base class of every error about an isolated call rather than from it.
+
+    Raised as itself when the call could not be carried out: the result could not be pickled,
+    the child sent data the parent could not read, or the `Isolator` was closed while the call
+    ran. The subclasses below cover the other ways a call ends without a value.
+    """
+
+
+class ChildCrashed(IsolationError):
+    """The child process ended without sending a result.
+
+    Raised when the child was killed by a signal (a segfault, an abort, SIGKILL from the OOM
+    killer or from another process) or left through ``os._exit(n)`` before its result was
+    sent.
+
+    Attributes:
+        pid: the child's process id.
+        exitcode: the exit code, or None when a signal ended the child or the status is unknown.
+        signal: the signal that ended the child, or None.
+
+    Both ``exitcode`` and ``signal`` are None when something else in this process reaped the
+    child before the library could (a stray ``waitpid(-1)``, or ``SIGCHLD`` set to ``SIG_IGN``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        pid: int,
+        exitcode: int | None,
+        signal: _signal.Signals | None,
+    ) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+        self.signal = signal
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class IsolationTimeout(IsolationError, TimeoutError):
+    """The child ran longer than the call's ``timeout=``; it was killed and reaped.
+
+    Only the ``timeout=`` option raises this. A cancel scope around the call (for example
+    ``anyio.fail_after``) raises its own exception, as any cancellation does.
+
+    Attributes:
+        pid: the child's process id.
+        timeout: the limit, in seconds, that the child exceeded.
+    """
+
+    def __init__(self, message: str, *, pid: int, timeout: float) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.timeout = timeout
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class RemoteError(IsolationError):
+    """An exception raised in the child that cannot be re-raised in the parent as itself.
+
+    Raised when the exception could not be pickled in the child or unpickled in the parent, and
+    for ``SystemExit``, ``KeyboardInterrupt`` and other exceptions that do not derive from
+    `Exception`: raising those in the parent would end the parent. The child's traceback is
+    also attached as ``__cause__``.
+
+    Attributes:
+        type_name: the qualified name of the exception's type, e.g. ``"mymodule.ParseError"``.
+        message: ``str()`` of the exception.
+        traceback: the child's formatted traceback.
+    """
+
+    def __init__(self, message: str, *, type_name: str, remote_message: str, traceback: str):
+        super().__init__(message)
+        self.type_name = type_name
+        self.message = remote_message
+        self.traceback = traceback
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class RemoteTraceback(Exception):
+    """Carries the child's formatted traceback, as the ``__cause__`` of a re-raised exception.
+
+    Never raised on its own; it exists so that the traceback printed in the parent shows where
+    in the child the exception started.
+    """
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f"\n\nTraceback from the child process:\n{self.traceback}"
+
+
+def _rebuild(
+    cls: type[BaseException], args: tuple[object, ...], state: dict[str, object]
+) -> object:
+    # Our exceptions take keyword-only arguments, which the default exception pickling (which
+    # calls cls(*args)) cannot supply, so they are rebuilt from args and __dict__.
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc

@@ -1,0 +1,187 @@
+"""Everything that differs between operating systems: how the parent learns that a child exited,
+how it signals the child, and how the child dies with its parent.
+
+Two ways to watch a child, chosen in `select_watcher` (the one dispatch point):
+
+* ``pidfd`` (Linux 5.3+): a file descriptor for the process, readable once it has exited. The
+  event loop waits on it like on a socket, and signals go through it, so they can never reach
+  another process that later reused the pid.
+* ``thread`` (elsewhere, or where seccomp forbids pidfds): a worker thread blocks in
+  ``waitid(P_PID, pid, WEXITED | WNOWAIT)``. Signals go through ``os.kill``, which is safe
+  because only the caller reaps the child, and only after the watcher has seen it exit.
+
+Neither ever calls ``waitpid(-1)``: other libraries' children (asyncio subprocesses, for one)
+are theirs to reap. The environment variable ``AIOISOLATE_CHILD_WATCHER=pidfd|thread`` forces
+one; the test suite runs the core tests through both.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import signal
+import sys
+from typing import Final, Literal, Protocol
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+Mechanism = Literal["pidfd", "thread"]
+
+ENV_VAR: Final = "AIOISOLATE_CHILD_WATCHER"
+
+
+class ChildWatcher(Protocol):
+    """The parent's handle on one child, until it is reaped."""
+
+    pid: int
+
+    async def wait_exited(self) -> None:
+        """Return once the child has exited; it stays a zombie until `reap`."""
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the child itself; a no-op once it has exited. Only call it before `reap`."""
+
+    def close(self) -> None:
+        """Release what the watcher holds (call once, after the last wait)."""
+
+
+def reap(pid: int) -> int | None:
+    """Collect an exited child's wait status, or None when something else already reaped it.
+
+    Call only after `ChildWatcher.wait_exited` returned: it never blocks then.
+    """
+    try:
+        _, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        # A stray waitpid(-1) or SIGCHLD set to SIG_IGN took the status first: not a failure of
+        # the call, only a status nobody can know any more.
+        return None
+    return status
+
+
+class PidfdWatcher:
+    def __init__(self, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+
+    async def wait_exited(self) -> None:
+        await anyio.wait_readable(self.pidfd)
+
+    def send_signal(self, sig: int) -> None:
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            pass  # already exited
+
+    def close(self) -> None:
+        anyio.notify_closing(self.pidfd)
+        os.close(self.pidfd)
+
+
+class ThreadWatcher:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    async def wait_exited(self) -> None:
+        # Abandoned on cancel: the thread returns by itself once the caller has killed the child.
+        await anyio.to_thread.run_sync(
+            _block_until_exited, self.pid, abandon_on_cancel=True, limiter=_watcher_threads()
+        )
+
+    def send_signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass  # reaped by someone else
+
+    def close(self) -> None:
+        pass
+
+
+def _block_until_exited(pid: int) -> None:
+    try:
+        # WNOWAIT leaves the child a zombie, so its pid (and process group id) stay reserved
+        # until the caller reaps it.
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:
+        pass  # reaped by someone else: it has exited all the same
+
+
+# One blocked thread per running child; the calls' own limiter bounds how many there are.
+_watcher_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
+    "aioisolate.watcher_limiter"
+)
+
+
+def _watcher_threads() -> anyio.CapacityLimiter:
+    try:
+        return _watcher_limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(math.inf)
+        _watcher_limiter.set(limiter)
+        return limiter
+
+
+@functools.cache
+def pidfd_works() -> bool:
+    """Whether this kernel, and any seccomp filter, let us open and signal pidfds."""
+    if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
+        return False
+    try:
+        fd = os.pidfd_open(os.getpid())
+    except OSError:
+        return False
+    try:
+        signal.pidfd_send_signal(fd, 0)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def select_watcher() -> Mechanism:
+    """The mechanism for the next child; raises before any fork if the forced one is unusable."""
+    forced = os.environ.get(ENV_VAR, "")
+    if forced == "thread":
+        return "thread"
+    if forced not in ("", "pidfd"):
+        raise ValueError(f"{ENV_VAR}={forced!r} is not one of 'pidfd' or 'thread'")
+    if pidfd_works():
+        return "pidfd"
+    if forced == "pidfd":
+        raise RuntimeError(
+            f"{ENV_VAR}=pidfd, but this system does not allow pidfds (Linux 5.3+ without a "
+            "seccomp filter that forbids pidfd_open); unset it to use the thread watcher"
+        )
+    return "thread"
+
+
+def watch(pid: int, mechanism: Mechanism) -> ChildWatcher:
+    """A watcher for a child just forked; never fails, so no child goes unwatched."""
+    if mechanism == "pidfd":
+        try:
+            return PidfdWatcher(pid, os.pidfd_open(pid))
+        except OSError:
+            pass  # out of fds, say: the thread watcher needs none
+    return ThreadWatcher(pid)
+
+
+if sys.platform == "linux":
+    import ctypes
+
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _PR_SET_PDEATHSIG: Final = 1
+
+    def die_with_parent() -> None:
+        """In the child: have the kernel SIGKILL us when the thread that forked us exits."""
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+else:
+
+    def die_with_parent() -> None:
+        # No equivalent: the child notices a dead parent only when writing its result fails.
+        pass

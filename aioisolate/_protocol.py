@@ -1,0 +1,181 @@
+"""What travels on the result pipe: one frame from the child to the parent, and its codec.
+
+A frame is a fixed header followed by a payload::
+
+    magic (4 bytes) | version (1) | kind (1) | reserved (2) | payload length (8, big-endian)
+
+``RESULT`` carries the return value pickled with cloudpickle. ``ERROR`` carries a plain-data
+description of what went wrong in the child (see `encode_error`), with the exception itself
+pickled inside it when that was possible. The child sends exactly one frame and exits.
+
+Unpickling runs code chosen by whoever produced the bytes: this codec is for trusted code only.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import traceback
+from dataclasses import dataclass
+from typing import Final
+
+import cloudpickle
+
+from ._errors import IsolationError, RemoteError, RemoteTraceback
+
+MAGIC: Final = b"AISO"
+VERSION: Final = 1
+HEADER: Final = struct.Struct(">4sBB2xQ")
+
+RESULT: Final = 1
+ERROR: Final = 2
+
+# ERROR payloads say which of these happened in the child.
+_RAISED: Final = "raised"  # func raised an Exception
+_RAISED_BASE: Final = "raised-base"  # func raised a BaseException that is not an Exception
+_UNPICKLABLE_RESULT: Final = "unpicklable-result"
+
+# Large reads cost fewer trips through the event loop; the kernel returns what is there.
+_CHUNK: Final = 1 << 20
+
+
+def encode_result(value: object) -> list[bytes]:
+    """The frame for a return value, as buffers to write in order (no copy of the payload)."""
+    payload = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return [HEADER.pack(MAGIC, VERSION, RESULT, len(payload)), payload]
+
+
+def encode_error(exc: BaseException) -> list[bytes]:
+    """The frame for an exception that the function raised in the child."""
+    if isinstance(exc, Exception):
+        try:
+            pickled: bytes | None = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pickled = None  # travels as a RemoteError instead
+        return _error_frame(_RAISED, _qualname(type(exc)), exc, pickled)
+    return _error_frame(_RAISED_BASE, _qualname(type(exc)), exc, None)
+
+
+def encode_unpicklable_result(value: object, exc: BaseException) -> list[bytes]:
+    """The frame for a return value that could not be pickled (``exc`` says why)."""
+    return _error_frame(_UNPICKLABLE_RESULT, _qualname(type(value)), exc, None)
+
+
+def _error_frame(
+    what: str, type_name: str, exc: BaseException, pickled: bytes | None
+) -> list[bytes]:
+    # The description is plain data (strings, bytes, None) so the parent can always read it,
+    # even when the exception itself cannot be pickled or unpickled.
+    tb_text = "".join(traceback.format_exception(exc))
+    payload = pickle.dumps(
+        (what, type_name, _safe_str(exc), tb_text, pickled), protocol=pickle.HIGHEST_PROTOCOL
+    )
+    return [HEADER.pack(MAGIC, VERSION, ERROR, len(payload)), payload]
+
+
+def decode(kind: int, payload: bytes | bytearray) -> object:
+    """The value a frame carries, or raise what it describes."""
+    if kind == RESULT:
+        try:
+            return pickle.loads(payload)
+        except Exception as exc:
+            raise IsolationError(
+                f"the child's result could not be unpickled in the parent: {exc!r}"
+            ) from exc
+    what, type_name, message, tb_text, pickled = pickle.loads(payload)
+    cause = RemoteTraceback(tb_text)
+    if what == _UNPICKLABLE_RESULT:
+        raise IsolationError(
+            f"the function returned a {type_name}, which could not be pickled to send it to the "
+            f"parent ({message}); return plain data instead"
+        ) from cause
+    if what == _RAISED and pickled is not None:
+        try:
+            original = pickle.loads(pickled)
+        except Exception:
+            pass  # reported as a RemoteError below
+        else:
+            if isinstance(original, Exception):
+                raise original from cause
+    if what == _RAISED:
+        reason = "it could not be sent to the parent as itself (it does not pickle and unpickle)"
+    else:
+        reason = f"a {type_name} is not re-raised in the parent, where it would end the program"
+    raise RemoteError(
+        f"the function raised {type_name}({message!r}) in the child; {reason}",
+        type_name=type_name,
+        remote_message=message,
+        traceback=tb_text,
+    ) from cause
+
+
+@dataclass
+class FrameReader:
+    """Reads one frame from a non-blocking pipe, straight into a buffer of the final size."""
+
+    fd: int
+    header: bytearray | None = None
+    payload: bytearray | None = None
+    filled: int = 0
+    received: int = 0
+    eof: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.payload is not None and self.filled == len(self.payload)
+
+    @property
+    def kind(self) -> int:
+        assert self.header is not None
+        return int(self.header[5])
+
+    def read_available(self) -> None:
+        """Read what the pipe holds now, up to the end of the frame; never blocks.
+
+        Raises `IsolationError` for a header that is not ours.
+        """
+        while not self.complete and not self.eof:
+            if self.payload is None:
+                target = memoryview(self._header_buffer())[self.filled :]
+            else:
+                target = memoryview(self.payload)[self.filled : self.filled + _CHUNK]
+            try:
+                n = os.readv(self.fd, [target])
+            except BlockingIOError:
+                return
+            if n == 0:
+                self.eof = True
+                return
+            self.filled += n
+            self.received += n
+            if self.payload is None and self.filled == HEADER.size:
+                self._start_payload()
+
+    def _header_buffer(self) -> bytearray:
+        if self.header is None:
+            self.header = bytearray(HEADER.size)
+        return self.header
+
+    def _start_payload(self) -> None:
+        assert self.header is not None
+        magic, version, kind, length = HEADER.unpack(self.header)
+        if magic != MAGIC or version != VERSION or kind not in (RESULT, ERROR):
+            raise IsolationError(
+                f"the child wrote data that is not a result frame to the result pipe "
+                f"(header {bytes(self.header)!r})"
+            )
+        self.payload = bytearray(length)
+        self.filled = 0
+
+
+def _qualname(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<str() of {type(exc).__name__} failed>"

@@ -1,0 +1,31 @@
+"""Checked by mypy (not run by pytest): the types a caller gets from the public API."""
+
+from __future__ import annotations
+
+import functools
+from typing import assert_type
+
+from aioisolate import Isolator, isolated
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+async def greet(name: str, times: int) -> str:
+    return name * times
+
+
+def scale(x: float, *, factor: float) -> float:
+    return x * factor
+
+
+async def check() -> None:
+    assert_type(await isolated(square, 7), int)
+    assert_type(await isolated(greet, "a", 3), str)
+    assert_type(await isolated(functools.partial(scale, factor=2.0), 1.5), float)
+    async with Isolator() as iso:
+        assert_type(await iso.run(square, 7), int)
+        assert_type(await iso.run(greet, "a", 3), str)
+    await isolated(square, "seven")  # type: ignore[arg-type]
+    await isolated(greet, "a")  # type: ignore[arg-type]
