@@ -94,6 +94,8 @@ def _spawn(
         except OSError as exc:
             raise _cannot_start(exc) from exc
         _library_fds.update((read_fd, write_fd))
+        # Taken now: the at-fork hook empties the set in the child.
+        others = list(_library_fds - {write_fd})
         # Blocked across fork: a signal arriving in the child before it resets the handlers
         # would run the parent's (and wake the parent's event loop through the wakeup fd).
         sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
@@ -105,7 +107,7 @@ def _spawn(
                         func,
                         args,
                         write_fd=write_fd,
-                        inherited_fds=_library_fds - {write_fd},
+                        inherited_fds=others,
                         sigmask=sigmask,
                         parent_pid=parent_pid,
                         loop_kind=loop_kind,

@@ -1,0 +1,301 @@
+"""The child starts clean: nothing of the parent's loop, signals, terminal or fds leaks in."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+
+import anyio
+import psutil
+import pytest
+import sniffio
+import trio
+import trio.lowlevel
+from helpers import Channel, Gate, is_gone, wait_until
+
+from aioisolate import _call, isolated
+
+BACKEND_ARGS = {"asyncio": "asyncio", "uvloop": "uvloop", "trio": "trio"}
+
+# Runs a program in a fresh interpreter, on the backend named by its first argument.
+PRELUDE = """
+import sys, anyio
+from aioisolate import isolated
+def run(main):
+    name = sys.argv[1]
+    options = {"use_uvloop": True} if name == "uvloop" else {}
+    anyio.run(main, backend="trio" if name == "trio" else "asyncio", backend_options=options)
+"""
+
+
+def run_program(body: str, backend: str) -> subprocess.CompletedProcess[str]:
+    code = PRELUDE + textwrap.dedent(body)
+    return subprocess.run(
+        [sys.executable, "-c", code, backend],
+        capture_output=True,  # stdout is a pipe, so the interpreter buffers it by blocks
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKEND_ARGS)
+def test_buffered_output_atexit_and_finally_are_not_duplicated(backend: str) -> None:
+    result = run_program(
+        """
+        import atexit
+        atexit.register(print, "parent-atexit")
+        print("parent-buffered-before-fork")  # still in the buffer when we fork
+
+        def work():
+            print("child-output")  # never flushed by the function: the runner must
+            return 1
+
+        async def main():
+            try:
+                for _ in range(3):
+                    assert await isolated(work) == 1
+            finally:
+                print("parent-finally")
+
+        run(main)
+        """,
+        backend,
+    )
+    lines = result.stdout.splitlines()
+    assert lines.count("parent-buffered-before-fork") == 1
+    assert lines.count("parent-atexit") == 1
+    assert lines.count("parent-finally") == 1
+    assert lines.count("child-output") == 3
+
+
+@pytest.mark.parametrize("backend", BACKEND_ARGS)
+def test_child_dies_when_its_parent_is_killed(backend: str) -> None:
+    code = PRELUDE + textwrap.dedent(
+        """
+        import os, time
+        def hang():
+            print(os.getpid(), flush=True)
+            time.sleep(600)
+        async def main():
+            await isolated(hang)
+        run(main)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code, backend], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        child = psutil.Process(int(parent.stdout.readline()))
+        parent.kill()
+        assert wait_until(lambda: is_gone(child))
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def parent_handlers() -> Iterator[None]:
+    """Install handlers in the parent, as a server would, and put them back afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGUSR1, lambda *_: None)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def signal_state() -> dict[str, object]:
+    return {
+        "SIGUSR1": signal.getsignal(signal.SIGUSR1),
+        "SIGTERM": signal.getsignal(signal.SIGTERM),
+        "SIGINT": signal.getsignal(signal.SIGINT),
+        "SIGPIPE": signal.getsignal(signal.SIGPIPE),
+        "wakeup_fd": signal.set_wakeup_fd(-1),
+        "blocked": signal.pthread_sigmask(signal.SIG_BLOCK, []),
+    }
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("parent_handlers")
+async def test_signal_handlers_reset_to_python_defaults() -> None:
+    state = await isolated(signal_state)
+    assert state == {
+        "SIGUSR1": signal.SIG_DFL,
+        "SIGTERM": signal.SIG_DFL,
+        "SIGINT": signal.default_int_handler,
+        "SIGPIPE": signal.SIG_IGN,
+        "wakeup_fd": -1,
+        "blocked": signal.pthread_sigmask(signal.SIG_BLOCK, []),  # the parent's own mask
+    }
+
+
+def own_signal_handler() -> bool:
+    received = []
+    signal.signal(signal.SIGUSR1, lambda *_: received.append(1))
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return received == [1]
+
+
+@pytest.mark.anyio
+async def test_function_may_install_its_own_signal_handlers() -> None:
+    assert await isolated(own_signal_handler) is True
+
+
+@pytest.mark.asyncio
+async def test_signal_in_the_child_never_runs_the_parents_loop_handler() -> None:
+    loop = asyncio.get_running_loop()
+    parent_calls = []
+    loop.add_signal_handler(signal.SIGUSR1, parent_calls.append, 1)
+    try:
+        assert await isolated(own_signal_handler) is True
+        # Had the child written to the loop's wakeup fd, the handler would run by now.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert parent_calls == []
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
+
+
+def process_facts() -> dict[str, object]:
+    return {
+        "own_group": os.getpgid(0) == os.getpid(),
+        "stdin": os.readlink("/proc/self/fd/0"),
+        "stdin_reads": os.read(0, 100),
+    }
+
+
+@pytest.mark.anyio
+async def test_own_process_group_and_stdin_from_dev_null() -> None:
+    assert await isolated(process_facts) == {
+        "own_group": True,
+        "stdin": "/dev/null",
+        "stdin_reads": b"",
+    }
+
+
+def open_fd_targets() -> list[str]:
+    targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return targets
+
+
+@pytest.mark.anyio
+async def test_child_does_not_inherit_other_calls_pipes_or_pidfds(
+    gate: Gate, channel: Channel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    own_pipe = []
+    real_spawn = _call._spawn
+
+    def spawn(*args: object) -> _call._Child:
+        child = real_spawn(*args)  # type: ignore[arg-type]
+        own_pipe.append(os.readlink(f"/proc/self/fd/{child.reader.fd}"))
+        return child
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(isolated, announce_then_wait, channel, gate)  # a sibling call, running
+        await channel.receive()
+        sibling_fds = {os.readlink(f"/proc/self/fd/{fd}") for fd in _call._library_fds}
+        assert sibling_fds  # its read end, at least
+        monkeypatch.setattr(_call, "_spawn", spawn)
+        seen = await isolated(open_fd_targets)
+        gate.open()
+    assert not sibling_fds & set(seen)
+    assert "anon_inode:[pidfd]" not in seen
+    # Of its own result pipe the child holds one end only, the write end.
+    assert seen.count(own_pipe[0]) == 1
+
+
+def announce_then_wait(channel: Channel, gate: Gate) -> None:
+    channel.send("started")
+    gate.wait()
+
+
+def event_loop_state() -> dict[str, object]:
+    async def on_asyncio() -> str:
+        await asyncio.sleep(0)
+        return "asyncio ran"
+
+    async def on_trio() -> str:
+        await trio.lowlevel.checkpoint()
+        return "trio ran"
+
+    try:
+        sniffio.current_async_library()
+        library = "still set"
+    except sniffio.AsyncLibraryNotFoundError:
+        library = "none"
+    return {
+        "library": library,
+        "asyncio.run": asyncio.run(on_asyncio()),
+        "trio.run": trio.run(on_trio),
+    }
+
+
+@pytest.mark.anyio
+async def test_no_event_loop_state_is_inherited() -> None:
+    assert await isolated(event_loop_state) == {
+        "library": "none",
+        "asyncio.run": "asyncio ran",
+        "trio.run": "trio ran",
+    }
+
+
+@pytest.mark.anyio
+async def test_user_context_variables_are_inherited() -> None:
+    import contextvars
+
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+    request_id.set("req-42")
+    assert await isolated(request_id.get) == "req-42"
+
+
+@pytest.mark.anyio
+async def test_busy_background_thread_in_the_parent() -> None:
+    stop = threading.Event()
+    lock = threading.Lock()
+    counter = [0]
+
+    def churn() -> None:
+        while not stop.is_set():
+            with lock:
+                counter[0] += 1
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        results = [await isolated(pow, i, 2) for i in range(30)]
+    finally:
+        stop.set()
+        thread.join()
+    assert results == [i * i for i in range(30)]
+    assert counter[0] > 0
+
+
+def test_event_loop_in_a_non_main_thread() -> None:
+    results: list[object] = []
+
+    def run_loop() -> None:
+        async def main() -> None:
+            results.append(await isolated(own_signal_handler))
+            results.append(await isolated(pow, 3, 2))
+
+        anyio.run(main)
+
+    thread = threading.Thread(target=run_loop)
+    thread.start()
+    thread.join()
+    assert results == [True, 9]
