@@ -1,0 +1,91 @@
+"""The public face: names, where they say they live, and input checked before any fork."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import aioisolate
+from aioisolate import Isolator, isolated
+
+
+def test_public_names_show_the_public_module() -> None:
+    for name in aioisolate.__all__:
+        obj = getattr(aioisolate, name)
+        assert obj.__module__ == "aioisolate", name
+        assert "._" not in repr(obj), repr(obj)
+
+
+def test_version() -> None:
+    assert aioisolate.__version__
+
+
+@pytest.fixture
+def forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        calls.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    return calls
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"timeout": -1}, ValueError, "positive number of seconds"),
+        ({"timeout": 0}, ValueError, "positive number of seconds"),
+        ({"timeout": float("nan")}, ValueError, "positive number of seconds"),
+        ({"timeout": "5"}, TypeError, "timeout must be a number"),
+        ({"timeout": True}, TypeError, "timeout must be a number"),
+        ({"limiter": 3}, TypeError, "anyio.CapacityLimiter"),
+    ],
+)
+async def test_bad_options_fail_before_fork(
+    forks: list[int], kwargs: dict[str, object], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        await isolated(pow, 2, 2, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(error, match=match):
+        Isolator(**kwargs)  # type: ignore[arg-type]
+    assert forks == []
+
+
+@pytest.mark.anyio
+async def test_not_callable_fails_before_fork(forks: list[int]) -> None:
+    with pytest.raises(TypeError, match="func must be callable, not int"):
+        await isolated(5)  # type: ignore[call-overload]
+    assert forks == []
+
+
+@pytest.mark.anyio
+async def test_isolator_lifecycle(forks: list[int]) -> None:
+    iso = Isolator(timeout=30)
+    with pytest.raises(RuntimeError, match="async with Isolator"):
+        await iso.run(pow, 2, 2)
+    async with iso:
+        assert await iso.run(pow, 2, 3) == 8
+    with pytest.raises(RuntimeError, match="closed"):
+        await iso.run(pow, 2, 2)
+    with pytest.raises(RuntimeError, match="only once"):
+        async with iso:
+            pass
+    assert forks == [1]
+
+
+@pytest.mark.anyio
+async def test_isolator_timeout_default_and_override() -> None:
+    import time
+
+    async with Isolator(timeout=0.3) as iso:
+        with pytest.raises(aioisolate.IsolationTimeout) as info:
+            await iso.run(time.sleep, 30)
+        assert info.value.timeout == 0.3
+        with pytest.raises(aioisolate.IsolationTimeout) as info:
+            await iso.run(time.sleep, 30, timeout=0.2)
+        assert info.value.timeout == 0.2
