@@ -116,6 +116,13 @@ def _reset_signal_handlers() -> None:
 def _forget_event_loops() -> None:
     """Clear the parent's event-loop state, which fork copied into this thread."""
     asyncio.events._set_running_loop(None)
+    # The policy remembers the parent's loop as this thread's current loop: get_event_loop()
+    # would hand the child that object, whose selector is shared with the parent. (Python 3.12+
+    # does this reset in its own at-fork hook; 3.11 does not.)
+    events: Any = asyncio.events  # private names, stable since 3.4
+    policy = events._event_loop_policy
+    if isinstance(policy, events.BaseDefaultEventLoopPolicy):
+        policy._local = events.BaseDefaultEventLoopPolicy._Local()
     trio_run = sys.modules.get("trio._core._run")
     if trio_run is not None:
         # trio.run() refuses to start while this thread-local says a run is active.

@@ -299,3 +299,31 @@ def test_event_loop_in_a_non_main_thread() -> None:
     thread.start()
     thread.join()
     assert results == [True, 9]
+
+
+@pytest.mark.asyncio
+async def test_asyncio_current_loop_is_not_the_parents() -> None:
+    def current_loop_id() -> int:
+        loop = asyncio.get_event_loop()  # must not be the parent's: its selector is shared
+        try:
+            return id(loop)
+        finally:
+            loop.close()
+
+    assert await isolated(current_loop_id) != id(asyncio.get_running_loop())
+
+
+@pytest.mark.anyio
+async def test_signals_are_blocked_across_fork(monkeypatch: pytest.MonkeyPatch) -> None:
+    masks = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert await isolated(pow, 2, 2) == 4
+    assert masks[0] == signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
