@@ -145,10 +145,20 @@ class Isolator:
         self._state = "closed"
         for scope in self._running:
             scope.cancel()
-        if self._running:
-            self._idle = anyio.Event()
-            with anyio.CancelScope(shield=True):
-                await self._idle.wait()
+        if not self._running:
+            return
+        self._idle = idle = anyio.Event()
+        pending: BaseException | None = None
+        while not idle.is_set():
+            try:
+                with anyio.CancelScope(shield=True):
+                    await idle.wait()
+            except anyio.get_cancelled_exc_class() as exc:
+                # asyncio's task.cancel() goes through shields; the children are being killed
+                # and reaped, so wait on, and pass the cancellation on afterwards.
+                pending = exc
+        if pending is not None:
+            raise pending
 
     @overload
     async def run(

@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any
 
 import anyio
 
@@ -45,11 +45,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-_EXIT_EXPLAINED: Final = {
-    _child.EXIT_SETUP_FAILED: "the child failed to set itself up",
-    _child.EXIT_SEND_FAILED: "the child failed to send its outcome",
-}
 
 
 async def run_in_child(
@@ -84,53 +79,88 @@ def _spawn(
 ) -> _Child:
     loop_kind = _loop_kind()
     parent_pid = os.getpid()
-    # Text still buffered in the parent would otherwise be printed again by the child.
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()
+    _flush_parent_stdio()
+    read_fd = write_fd = pid = -1
+    watcher: _platform.ChildWatcher | None = None
     with _fork_lock:
         try:
             read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        except OSError as exc:
-            raise _cannot_start(exc) from exc
-        _library_fds.update((read_fd, write_fd))
-        # Taken now: the at-fork hook empties the set in the child.
-        others = list(_library_fds - {write_fd})
-        # Blocked across fork: a signal arriving in the child before it resets the handlers
-        # would run the parent's (and wake the parent's event loop through the wakeup fd).
-        sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-        try:
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    _child.run(
-                        func,
-                        args,
-                        write_fd=write_fd,
-                        inherited_fds=others,
-                        sigmask=sigmask,
-                        parent_pid=parent_pid,
-                        loop_kind=loop_kind,
-                    )
-                finally:
-                    os._exit(_child.EXIT_SETUP_FAILED)
-        except OSError as exc:
-            _close(read_fd)
-            raise _cannot_start(exc) from exc
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
+            _library_fds.update((read_fd, write_fd))
+            # Taken now: the at-fork hook empties the set in the child.
+            others = list(_library_fds - {write_fd})
+            # Blocked across fork: a signal arriving in the child before it resets the
+            # handlers would run the parent's (and wake the parent's loop through its wakeup fd).
+            sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        _child.run(
+                            func,
+                            args,
+                            write_fd=write_fd,
+                            inherited_fds=others,
+                            sigmask=sigmask,
+                            parent_pid=parent_pid,
+                            loop_kind=loop_kind,
+                        )
+                    finally:
+                        os._exit(_child.EXIT_INTERNAL)
+            finally:
+                # A signal that arrived during fork (Ctrl-C, say) is delivered here, and its
+                # KeyboardInterrupt is cleaned up below like any other failure.
+                signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
             _close(write_fd)
-    try:
-        # The child does this too; whichever runs first, the group exists before we return,
-        # so a kill sent right away still reaches the child's descendants.
-        os.setpgid(pid, pid)
-    except OSError:
-        pass
-    watcher = _platform.watch(pid, mechanism)
-    if isinstance(watcher, _platform.PidfdWatcher):
-        _library_fds.add(watcher.pidfd)
-    os.set_blocking(read_fd, False)
-    return _Child(pid, watcher, _protocol.FrameReader(read_fd))
+            write_fd = -1
+            try:
+                # The child does this too; whichever runs first, the group exists before we
+                # return, so a kill sent right away still reaches the child's descendants.
+                os.setpgid(pid, pid)
+            except OSError:
+                pass
+            watcher = _platform.watch(pid, mechanism)
+            if isinstance(watcher, _platform.PidfdWatcher):
+                _library_fds.add(watcher.pidfd)
+            os.set_blocking(read_fd, False)
+            return _Child(pid, watcher, _protocol.FrameReader(read_fd))
+        except BaseException as exc:
+            _undo_spawn(pid, read_fd, write_fd, watcher)
+            if pid == -1 and isinstance(exc, OSError):
+                raise _cannot_start(exc) from exc
+            raise
+
+
+def _undo_spawn(
+    pid: int, read_fd: int, write_fd: int, watcher: _platform.ChildWatcher | None
+) -> None:
+    """Clean up after a failure inside `_spawn`, where there is no event loop to wait with."""
+    if pid > 0:
+        # Unreaped, so the pid and group id are still this child's. It has just been forked
+        # and is killed outright, so the blocking wait is short.
+        for kill in (os.kill, os.killpg):
+            try:
+                kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        _platform.reap(pid, block=True)
+    if watcher is not None:
+        if isinstance(watcher, _platform.PidfdWatcher):
+            _library_fds.discard(watcher.pidfd)
+        watcher.close()
+    for fd in (read_fd, write_fd):
+        if fd != -1:
+            _close(fd)
+
+
+def _flush_parent_stdio() -> None:
+    # Text still buffered in the parent would otherwise be printed again by the child. A
+    # stream that cannot be flushed (closed, or a reader that went away) is not our business.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 class _Child:
@@ -146,13 +176,20 @@ class _Child:
 
     async def collect(self) -> None:
         """Read the result while waiting for the child to exit; return once it is reaped."""
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._read)
-            await self.watcher.wait_exited()
-            self._reap()
-            # All the child wrote is in the pipe now. Take it without waiting for EOF, which a
-            # descendant that left the process group could postpone for ever.
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._read)
+                await self.watcher.wait_exited()
+                self._reap()
+                # All the child wrote is in the pipe now. Take it without waiting for EOF, which
+                # a descendant that left the process group could postpone for ever.
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The task group is ours, not the caller's: a lone KeyboardInterrupt (or error)
+            # must reach the caller as itself.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         self._read_available()
 
     async def _read(self) -> None:
@@ -183,16 +220,16 @@ class _Child:
         except (ProcessLookupError, PermissionError):
             pass  # the group is gone already
 
-    def _reap(self) -> None:
+    def _reap(self, *, block: bool = False) -> None:
         # Descendants still in the group (a subprocess the function started, say) die with it.
         self._kill_group()
-        self.status = _platform.reap(self.pid)
+        self.status = _platform.reap(self.pid, block=block)
         self.reaped = True
 
     async def kill_and_reap(self) -> None:
-        """Kill the child and wait until it is reaped, however often the caller is cancelled."""
+        """Kill the child and wait until it is reaped, however often the caller is interrupted."""
         self.kill()
-        cancelled: BaseException | None = None
+        pending: BaseException | None = None
         while not self.reaped:
             try:
                 with anyio.CancelScope(shield=True):
@@ -200,11 +237,17 @@ class _Child:
             except anyio.get_cancelled_exc_class() as exc:
                 # asyncio's task.cancel() goes through shields. The child is already dying, so
                 # wait on, and pass the cancellation on once it is reaped.
-                cancelled = exc
+                pending = exc
                 continue
+            except BaseException as exc:
+                # A KeyboardInterrupt (trio delivers it through shields) or a failing watcher.
+                # The child has been sent SIGKILL: waiting for it without the loop is short.
+                pending = exc
+                self._reap(block=True)
+                break
             self._reap()
-        if cancelled is not None:
-            raise cancelled
+        if pending is not None:
+            raise pending
 
     def close(self) -> None:
         anyio.notify_closing(self.reader.fd)
@@ -243,8 +286,12 @@ class _Child:
                 exitcode=None,
                 signal=sig,
             )
-        why = _EXIT_EXPLAINED.get(code, "")
-        why = f"; {why} (see its stderr)" if why else ""
+        why = ""
+        if code == _child.EXIT_INTERNAL:
+            why = (
+                "; unless the function chose that code, the child could not send its outcome "
+                "(its stderr says why)"
+            )
         return ChildCrashed(
             f"child process {self.pid} exited with code {code} before sending its result"
             f"{sent}{why}",

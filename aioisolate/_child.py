@@ -26,9 +26,8 @@ from . import _platform, _protocol
 
 LoopKind = Literal["asyncio", "uvloop", "trio"]
 
-# Exit codes of a child whose own machinery failed (the function's outcome was not sent).
-EXIT_SEND_FAILED: Final = 120
-EXIT_SETUP_FAILED: Final = 121
+# The exit code of a child that could not send its outcome (the parent went away, say).
+EXIT_INTERNAL: Final = 120
 
 
 def run(
@@ -41,16 +40,19 @@ def run(
     parent_pid: int,
     loop_kind: LoopKind,
 ) -> NoReturn:
-    code = EXIT_SETUP_FAILED
+    code = EXIT_INTERNAL
     try:
-        _become_fresh_process(inherited_fds, sigmask, parent_pid)
-        code = EXIT_SEND_FAILED
-        frame = _call(func, args, loop_kind)
+        try:
+            _become_fresh_process(inherited_fds, sigmask, parent_pid)
+        except Exception as exc:
+            frame = _protocol.encode_setup_error(exc)
+        else:
+            frame = _call(func, args, loop_kind)
         _write_all(write_fd, frame)
         code = 0
     except BaseException:
-        # Our own machinery failed (the parent went away mid-write, say). The parent sees the
-        # exit code; the traceback goes to the child's stderr for whoever debugs it.
+        # Our own machinery failed. The parent sees the exit code; the traceback goes to the
+        # child's stderr for whoever debugs it.
         _print_exception()
     finally:
         _flush_stdio()
@@ -65,7 +67,7 @@ def _become_fresh_process(
     os.setpgid(0, 0)
     _platform.die_with_parent()
     if os.getppid() != parent_pid:
-        os._exit(EXIT_SETUP_FAILED)  # the parent died before the line above took effect
+        os._exit(EXIT_INTERNAL)  # the parent died before the line above took effect
 
     _reset_signal_handlers()
     # Signals were blocked across fork so that none could run a parent's handler here; with the
@@ -76,6 +78,13 @@ def _become_fresh_process(
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
+    # What the parent had read ahead is still buffered in its stdin object: drain it, which
+    # reads up to the end of /dev/null, so that the child does not see the parent's input.
+    try:
+        if sys.__stdin__ is not None and sys.__stdin__.fileno() == 0:
+            sys.__stdin__.read()
+    except (OSError, ValueError):
+        pass  # closed, or undecodable bytes: nothing readable either way
 
     for fd in inherited_fds:
         try:
@@ -95,22 +104,25 @@ def _reset_signal_handlers() -> None:
     # through this fd).
     signal.set_wakeup_fd(-1)
     for sig in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
-        current = signal.getsignal(sig)
+        target: Any
         if sig == signal.SIGINT:
-            startup: Any = signal.default_int_handler
+            target = signal.default_int_handler
         elif sig in (signal.SIGPIPE, signal.SIGXFSZ):
-            startup = signal.SIG_IGN  # Python ignores these at startup too
-        elif current is signal.SIG_IGN or current is None:
-            # SIG_IGN inherited from our own parent (nohup, say) is kept, as Python keeps it;
-            # None is a handler Python did not install and cannot restore.
-            continue
+            target = signal.SIG_IGN  # as Python sets them at startup
+        elif sig in (signal.SIGTTOU, signal.SIGTTIN):
+            # Our own process group is in the background of the parent's terminal: changing
+            # terminal modes (getpass, curses) would stop us for ever instead of going ahead.
+            target = signal.SIG_IGN
+        elif signal.getsignal(sig) is signal.SIG_IGN:
+            continue  # inherited ignored (nohup, say): Python keeps that too
         else:
-            startup = signal.SIG_DFL
-        if current is not startup:
-            try:
-                signal.signal(sig, startup)
-            except OSError:
-                pass  # signals reserved by the C library
+            target = signal.SIG_DFL
+        try:
+            # Set even where getsignal() already says so: handlers installed from C (libuv's
+            # SIGCHLD handler, which writes to the parent loop's pipe) are invisible to it.
+            signal.signal(sig, target)
+        except (OSError, ValueError):
+            pass  # signals reserved by the C library
 
 
 def _forget_event_loops() -> None:

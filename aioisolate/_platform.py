@@ -48,13 +48,14 @@ class ChildWatcher(Protocol):
         """Release what the watcher holds (call once, after the last wait)."""
 
 
-def reap(pid: int) -> int | None:
+def reap(pid: int, *, block: bool = False) -> int | None:
     """Collect an exited child's wait status, or None when something else already reaped it.
 
-    Call only after `ChildWatcher.wait_exited` returned: it never blocks then.
+    Call after `ChildWatcher.wait_exited` returned, when it never blocks; ``block=True`` is
+    for a child already sent SIGKILL where no event loop can be used to wait.
     """
     try:
-        _, status = os.waitpid(pid, os.WNOHANG)
+        _, status = os.waitpid(pid, 0 if block else os.WNOHANG)
     except ChildProcessError:
         # A stray waitpid(-1) or SIGCHLD set to SIG_IGN took the status first: not a failure of
         # the call, only a status nobody can know any more.
@@ -94,8 +95,10 @@ class ThreadWatcher:
     def send_signal(self, sig: int) -> None:
         try:
             os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass  # reaped by someone else
+        except (ProcessLookupError, PermissionError):
+            # Reaped by someone else (SIGCHLD set to SIG_IGN, say), perhaps with its pid
+            # already reused: only pidfds rule that out.
+            pass
 
     def close(self) -> None:
         pass

@@ -35,6 +35,7 @@ ERROR: Final = 2
 _RAISED: Final = "raised"  # func raised an Exception
 _RAISED_BASE: Final = "raised-base"  # func raised a BaseException that is not an Exception
 _UNPICKLABLE_RESULT: Final = "unpicklable-result"
+_SETUP_FAILED: Final = "setup-failed"  # the child failed before it could run the function
 
 # Large reads cost fewer trips through the event loop; the kernel returns what is there.
 _CHUNK: Final = 1 << 20
@@ -60,6 +61,11 @@ def encode_error(exc: BaseException) -> list[bytes]:
 def encode_unpicklable_result(value: object, exc: BaseException) -> list[bytes]:
     """The frame for a return value that could not be pickled (``exc`` says why)."""
     return _error_frame(_UNPICKLABLE_RESULT, _qualname(type(value)), exc, None)
+
+
+def encode_setup_error(exc: BaseException) -> list[bytes]:
+    """The frame for a failure of the child's own setup, before the function ran."""
+    return _error_frame(_SETUP_FAILED, _qualname(type(exc)), exc, None)
 
 
 def _error_frame(
@@ -89,6 +95,10 @@ def decode(kind: int, payload: bytes | bytearray) -> object:
         raise IsolationError(
             f"the function returned a {type_name}, which could not be pickled to send it to the "
             f"parent ({message}); return plain data instead"
+        ) from cause
+    if what == _SETUP_FAILED:
+        raise IsolationError(
+            f"the child failed to set itself up before running the function: {type_name}: {message}"
         ) from cause
     if what == _RAISED and pickled is not None:
         try:

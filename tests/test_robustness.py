@@ -1,0 +1,242 @@
+"""Failures inside the library's own steps: nothing leaks, and errors come out as themselves.
+
+The no_leaks fixture (conftest.py) checks after every test here that no child and no fd is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import anyio
+import psutil
+import pytest
+from helpers import Channel
+
+from aioisolate import ChildCrashed, IsolationError, Isolator, _call, _child, _platform, isolated
+
+pytestmark = pytest.mark.anyio
+
+
+class Interrupt(BaseException):
+    """Stands in for KeyboardInterrupt, which would also stop pytest itself."""
+
+
+async def test_interrupt_delivered_as_signals_are_unblocked_after_fork(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A Ctrl-C that arrives during fork stays pending until the mask is restored, and is
+    # raised right there: the child just forked must be killed and reaped, its pipe closed.
+    real_sigmask = signal.pthread_sigmask
+    forked = []
+
+    def sigmask(how: int, mask: object) -> set[int]:
+        previous = real_sigmask(how, mask)  # type: ignore[arg-type]
+        if how == signal.SIG_SETMASK and os.getpid() == parent:
+            forked.append(1)
+            raise Interrupt
+        return previous  # type: ignore[return-value]
+
+    parent = os.getpid()
+    monkeypatch.setattr(signal, "pthread_sigmask", sigmask)
+    with pytest.raises(Interrupt):
+        await isolated(time.sleep, 600)
+    assert forked == [1]
+
+
+async def test_fork_failing_is_a_clear_error_and_the_next_call_works(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_more_processes() -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fork", no_more_processes)
+        with pytest.raises(IsolationError, match="could not start a child process") as info:
+            await isolated(pow, 2, 2)
+    assert isinstance(info.value.__cause__, BlockingIOError)
+    assert await isolated(pow, 2, 2) == 4
+
+
+async def test_out_of_fds_for_the_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_fds(flags: int) -> tuple[int, int]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "pipe2", no_fds)
+    with pytest.raises(IsolationError, match="Too many open files"):
+        await isolated(pow, 2, 2)
+
+
+async def test_other_error_from_fork_passes_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused() -> int:
+        raise RuntimeError("fork refused by policy")
+
+    monkeypatch.setattr(os, "fork", refused)
+    with pytest.raises(RuntimeError, match="refused by policy"):
+        await isolated(pow, 2, 2)
+
+
+async def test_error_while_waiting_comes_out_as_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not wrapped in an exception group by the task group inside the call.
+    async def broken_wait(self: object) -> None:
+        raise Interrupt
+
+    monkeypatch.setattr(_platform.PidfdWatcher, "wait_exited", broken_wait)
+    monkeypatch.setattr(_platform.ThreadWatcher, "wait_exited", broken_wait)
+    with pytest.raises(Interrupt):
+        await isolated(time.sleep, 600)
+
+
+async def test_interrupt_during_cleanup_still_reaps(
+    monkeypatch: pytest.MonkeyPatch, channel: Channel
+) -> None:
+    killed = []
+    real_kill = _call._Child.kill
+
+    def kill(self: _call._Child) -> None:
+        killed.append(self.pid)
+        real_kill(self)
+
+    async def wait(self: _platform.ChildWatcher) -> None:
+        if killed:
+            raise Interrupt  # a second Ctrl-C, which trio delivers through shields
+        await real_waits[type(self)](self)
+
+    real_waits = {cls: cls.wait_exited for cls in (_platform.PidfdWatcher, _platform.ThreadWatcher)}
+    monkeypatch.setattr(_call._Child, "kill", kill)
+    for cls in real_waits:
+        monkeypatch.setattr(cls, "wait_exited", wait)
+
+    def announce_then_hang() -> None:
+        channel.send("started")
+        time.sleep(600)
+
+    async with anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            with pytest.raises(Interrupt):
+                await isolated(announce_then_hang)
+
+        tg.start_soon(call)
+        await channel.receive()
+        tg.cancel_scope.cancel()
+    assert killed
+
+
+async def test_broken_parent_stdout_does_not_break_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stdout", closed)
+    assert await isolated(pow, 3, 2) == 9
+
+
+async def test_child_setup_failure_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> None:
+        raise RuntimeError("no /dev/null here")
+
+    monkeypatch.setattr(_child, "_forget_event_loops", fail)
+    with pytest.raises(IsolationError, match="failed to set itself up.*no /dev/null here"):
+        await isolated(pow, 3, 2)
+
+
+async def test_internal_exit_code_is_explained() -> None:
+    with pytest.raises(ChildCrashed, match="unless the function chose that code"):
+        await isolated(os._exit, _child.EXIT_INTERNAL)
+
+
+def caught_signals() -> set[int]:
+    """The signals with a handler in this process, as the kernel sees it."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                mask = int(line.split()[1], 16)
+                return {sig for sig in range(1, 65) if mask & (1 << (sig - 1))}
+    raise AssertionError("no SigCgt line")
+
+
+async def test_handlers_installed_from_c_are_reset_too() -> None:
+    import faulthandler
+
+    was_enabled = faulthandler.is_enabled()
+    faulthandler.enable()  # installs C-level handlers that Python's signal table does not show
+    try:
+        assert signal.SIGSEGV in caught_signals()
+        # glibc keeps 32 and 33 for itself, out of anyone's reach (and of valid_signals()).
+        valid = signal.valid_signals()
+        in_child = {sig for sig in await isolated(caught_signals) if sig in valid}
+        assert in_child == {signal.SIGINT}
+    finally:
+        if not was_enabled:
+            faulthandler.disable()
+
+
+def stop_myself() -> str:
+    # A background process group that touches the terminal gets SIGTTOU/SIGTTIN, which would
+    # stop the child for ever.
+    os.kill(os.getpid(), signal.SIGTTOU)
+    os.kill(os.getpid(), signal.SIGTTIN)
+    return "not stopped"
+
+
+async def test_terminal_stop_signals_do_not_stop_the_child() -> None:
+    assert await isolated(stop_myself) == "not stopped"
+
+
+def test_child_does_not_read_what_the_parent_read_ahead() -> None:
+    code = textwrap.dedent(
+        """
+        import sys, anyio
+        from aioisolate import isolated
+        print(repr(sys.stdin.readline()))  # buffers the rest of stdin in the parent
+        print(repr(anyio.run(isolated, sys.stdin.read)))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        input="line1\nline2\nline3\n",
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert result.stdout.splitlines() == ["'line1\\n'", "''"]
+
+
+@pytest.mark.asyncio
+async def test_isolator_close_waits_through_a_second_native_cancel(
+    monkeypatch: pytest.MonkeyPatch, channel: Channel
+) -> None:
+    main = asyncio.current_task()
+    assert main is not None
+    real_kill = _call._Child.kill
+
+    def kill_and_cancel_main(self: _call._Child) -> None:
+        real_kill(self)
+        main.cancel()  # arrives while __aexit__ waits for its calls to finish
+
+    def announce_then_hang() -> None:
+        channel.send(os.getpid())
+        time.sleep(600)
+
+    runs = []
+
+    async def use_isolator() -> None:
+        async with Isolator() as iso:
+            runs.append(asyncio.ensure_future(iso.run(announce_then_hang)))
+            await channel.receive()
+            monkeypatch.setattr(_call._Child, "kill", kill_and_cancel_main)
+            main.cancel()
+            await asyncio.sleep(600)
+
+    with pytest.raises(asyncio.CancelledError):
+        await use_isolator()
+    assert psutil.Process().children() == []  # all reaped before the block was left
+    with pytest.raises(IsolationError, match="Isolator was closed"):
+        await runs[0]
