@@ -3,23 +3,33 @@
 from ._api import Isolator as Isolator
 from ._api import default_limiter as default_limiter
 from ._api import isolated as isolated
+from ._api import isolated_with_report as isolated_with_report
 from ._errors import ChildCrashed as ChildCrashed
+from ._errors import CPULimitExceeded as CPULimitExceeded
 from ._errors import IsolationError as IsolationError
 from ._errors import IsolationTimeout as IsolationTimeout
+from ._errors import MemoryLimitExceeded as MemoryLimitExceeded
 from ._errors import RemoteError as RemoteError
 from ._errors import RemoteTraceback as RemoteTraceback
+from ._options import CallOptions as CallOptions
+from ._report import CallReport as CallReport
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "CPULimitExceeded",
+    "CallOptions",
+    "CallReport",
     "ChildCrashed",
     "IsolationError",
     "IsolationTimeout",
     "Isolator",
+    "MemoryLimitExceeded",
     "RemoteError",
     "RemoteTraceback",
     "default_limiter",
     "isolated",
+    "isolated_with_report",
 ]
 
 # Public objects say they live here, so tracebacks, reprs and docs show the public path.

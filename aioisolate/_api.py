@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -13,6 +12,8 @@ import anyio.lowlevel
 
 from ._call import run_in_child
 from ._errors import IsolationError
+from ._options import DEFAULTS, CallOptions, Options
+from ._report import CallReport
 
 if TYPE_CHECKING:
     from typing import Self, TypeVarTuple, Unpack
@@ -52,8 +53,7 @@ def _usable_cpus() -> int:
 async def isolated(
     func: Callable[[Unpack[PosArgsT]], Awaitable[T]],
     *args: *PosArgsT,
-    limiter: anyio.CapacityLimiter | None = None,
-    timeout: float | None = None,
+    **options: Unpack[CallOptions],
 ) -> T: ...
 
 
@@ -61,16 +61,14 @@ async def isolated(
 async def isolated(
     func: Callable[[Unpack[PosArgsT]], T],
     *args: *PosArgsT,
-    limiter: anyio.CapacityLimiter | None = None,
-    timeout: float | None = None,
+    **options: Unpack[CallOptions],
 ) -> T: ...
 
 
 async def isolated(
     func: Callable[[Unpack[PosArgsT]], Any],
     *args: *PosArgsT,
-    limiter: anyio.CapacityLimiter | None = None,
-    timeout: float | None = None,
+    **options: Unpack[CallOptions],
 ) -> Any:
     """Run ``func(*args)`` in a forked child process and return its result.
 
@@ -87,9 +85,9 @@ async def isolated(
     Args:
         func: the function to run, sync or async.
         *args: its positional arguments.
-        limiter: bounds how many children run at once; by default `default_limiter`.
-        timeout: seconds the child may run, from fork; then it is killed and
-            `IsolationTimeout` is raised.
+        **options: see `CallOptions`: ``limiter``, ``timeout``, ``memory_limit``,
+            ``cpu_limit``, ``kill_grace``, ``kill_descendants``, ``stdout``, ``stderr``,
+            ``max_output``.
 
     Returns:
         What ``func`` returned (or, for an async function, what its coroutine returned).
@@ -98,13 +96,52 @@ async def isolated(
         Exception: whatever ``func`` raised, as itself, with the child's traceback as
             ``__cause__``.
         RemoteError: ``func`` raised something that cannot be re-raised as itself.
-        ChildCrashed: the child died without a result (a signal, or ``os._exit``).
+        ChildCrashed: the child died without a result (a signal, or ``os._exit``);
+            `MemoryLimitExceeded` and `CPULimitExceeded` when a limit killed it.
         IsolationTimeout: the child outlived ``timeout``.
         IsolationError: the result could not be pickled, or the child could not be started.
+        TypeError, ValueError: an option is invalid (raised before anything is started).
     """
-    _check_call(func, limiter, timeout)
-    async with default_limiter() if limiter is None else limiter:
-        return await run_in_child(func, args, timeout=timeout)
+    value, _ = await _run(func, args, DEFAULTS.merge(options))
+    return value
+
+
+@overload
+async def isolated_with_report(
+    func: Callable[[Unpack[PosArgsT]], Awaitable[T]],
+    *args: *PosArgsT,
+    **options: Unpack[CallOptions],
+) -> tuple[T, CallReport]: ...
+
+
+@overload
+async def isolated_with_report(
+    func: Callable[[Unpack[PosArgsT]], T],
+    *args: *PosArgsT,
+    **options: Unpack[CallOptions],
+) -> tuple[T, CallReport]: ...
+
+
+async def isolated_with_report(
+    func: Callable[[Unpack[PosArgsT]], Any],
+    *args: *PosArgsT,
+    **options: Unpack[CallOptions],
+) -> tuple[Any, CallReport]:
+    """Like `isolated`, and return the call's `CallReport` with the value.
+
+    A call that fails raises as `isolated` does; the report is then on the error, as
+    ``error.report``, for every `IsolationError`.
+    """
+    return await _run(func, args, DEFAULTS.merge(options))
+
+
+async def _run(
+    func: Callable[..., Any], args: tuple[Any, ...], options: Options
+) -> tuple[Any, CallReport]:
+    if not callable(func):
+        raise TypeError(f"func must be callable, not {type(func).__name__}")
+    async with default_limiter() if options.limiter is None else options.limiter:
+        return await run_in_child(func, args, options)
 
 
 class Isolator:
@@ -115,17 +152,13 @@ class Isolator:
         async with Isolator(limiter=anyio.CapacityLimiter(4), timeout=30) as iso:
             result = await iso.run(parse, blob)
 
-    Leaving the ``async with`` block kills and reaps every child still running from it; those
-    calls raise `IsolationError`. ``run`` takes the same arguments as `isolated`, with the
-    isolator's options as defaults; the per-call options override them.
+    It takes the options of `isolated` (see `CallOptions`); ``run`` and ``run_with_report``
+    take them too, and override the isolator's for that call. Leaving the ``async with`` block
+    kills and reaps every child still running from it; those calls raise `IsolationError`.
     """
 
-    def __init__(
-        self, *, limiter: anyio.CapacityLimiter | None = None, timeout: float | None = None
-    ) -> None:
-        _check_options(limiter, timeout)
-        self._limiter = limiter
-        self._timeout = timeout
+    def __init__(self, **options: Unpack[CallOptions]) -> None:
+        self._options = DEFAULTS.merge(options)
         self._state = "new"
         self._running: set[anyio.CancelScope] = set()
         self._idle: anyio.Event | None = None
@@ -165,8 +198,7 @@ class Isolator:
         self,
         func: Callable[[Unpack[PosArgsT]], Awaitable[T]],
         *args: *PosArgsT,
-        limiter: anyio.CapacityLimiter | None = None,
-        timeout: float | None = None,
+        **options: Unpack[CallOptions],
     ) -> T: ...
 
     @overload
@@ -174,32 +206,58 @@ class Isolator:
         self,
         func: Callable[[Unpack[PosArgsT]], T],
         *args: *PosArgsT,
-        limiter: anyio.CapacityLimiter | None = None,
-        timeout: float | None = None,
+        **options: Unpack[CallOptions],
     ) -> T: ...
 
     async def run(
         self,
         func: Callable[[Unpack[PosArgsT]], Any],
         *args: *PosArgsT,
-        limiter: anyio.CapacityLimiter | None = None,
-        timeout: float | None = None,
+        **options: Unpack[CallOptions],
     ) -> Any:
         """Like `isolated`, with this isolator's options as defaults."""
+        value, _ = await self._run(func, args, options)
+        return value
+
+    @overload
+    async def run_with_report(
+        self,
+        func: Callable[[Unpack[PosArgsT]], Awaitable[T]],
+        *args: *PosArgsT,
+        **options: Unpack[CallOptions],
+    ) -> tuple[T, CallReport]: ...
+
+    @overload
+    async def run_with_report(
+        self,
+        func: Callable[[Unpack[PosArgsT]], T],
+        *args: *PosArgsT,
+        **options: Unpack[CallOptions],
+    ) -> tuple[T, CallReport]: ...
+
+    async def run_with_report(
+        self,
+        func: Callable[[Unpack[PosArgsT]], Any],
+        *args: *PosArgsT,
+        **options: Unpack[CallOptions],
+    ) -> tuple[Any, CallReport]:
+        """Like `isolated_with_report`, with this isolator's options as defaults."""
+        return await self._run(func, args, options)
+
+    async def _run(
+        self, func: Callable[..., Any], args: tuple[Any, ...], overrides: CallOptions
+    ) -> tuple[Any, CallReport]:
         if self._state != "open":
             raise RuntimeError(
                 "Isolator.run() needs an open isolator: use it inside 'async with Isolator()'"
                 if self._state == "new"
                 else "this Isolator is closed"
             )
-        limiter = self._limiter if limiter is None else limiter
-        timeout = self._timeout if timeout is None else timeout
-        _check_call(func, limiter, timeout)
+        options = self._options.merge(overrides)
         with anyio.CancelScope() as scope:
             self._running.add(scope)
             try:
-                async with default_limiter() if limiter is None else limiter:
-                    return await run_in_child(func, args, timeout=timeout)
+                return await _run(func, args, options)
             finally:
                 self._running.discard(scope)
                 if not self._running and self._idle is not None:
@@ -207,19 +265,3 @@ class Isolator:
         raise IsolationError(
             "the Isolator was closed while this call was running; its child was killed"
         )
-
-
-def _check_call(func: object, limiter: anyio.CapacityLimiter | None, timeout: float | None) -> None:
-    if not callable(func):
-        raise TypeError(f"func must be callable, not {type(func).__name__}")
-    _check_options(limiter, timeout)
-
-
-def _check_options(limiter: object, timeout: object) -> None:
-    if limiter is not None and not isinstance(limiter, anyio.CapacityLimiter):
-        raise TypeError(f"limiter must be an anyio.CapacityLimiter, not {type(limiter).__name__}")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
-        if math.isnan(timeout) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout}")

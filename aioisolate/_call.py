@@ -10,23 +10,37 @@ the child reaped and our fds closed:
    needs the parent reading while the child writes) while waiting for the child to exit.
 3. On exit: kill what is left of the child's process group while the child is still a zombie
    (its pid, and so the group id, cannot have been reused), then reap it.
-4. On cancellation, timeout or any error: `_Child.kill_and_reap`, which cannot be interrupted.
+4. On cancellation, timeout or any error: `_Child.kill_and_reap` (SIGTERM and a grace period
+   if asked for, then SIGKILL), which cannot be interrupted.
+
+Captured stdout/stderr and the memory watchdog run beside the reader in step 2.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 
-from . import _child, _platform, _protocol
-from ._errors import ChildCrashed, IsolationError, IsolationTimeout
+from . import _child, _limits, _platform, _protocol
+from ._errors import (
+    ChildCrashed,
+    CPULimitExceeded,
+    IsolationError,
+    IsolationTimeout,
+    MemoryLimitExceeded,
+)
+from ._options import Options
+from ._output import Tail
+from ._report import CallReport
 
 # Held from creating a pipe to closing its write end in the parent, so that a fork from another
 # event-loop thread cannot copy a write end that is not its own.
@@ -48,70 +62,83 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 async def run_in_child(
-    func: Callable[..., Any], args: tuple[Any, ...], *, timeout: float | None
-) -> Any:
-    """Run ``func(*args)`` in a forked child; return its result or raise what it raised."""
+    func: Callable[..., Any], args: tuple[Any, ...], options: Options
+) -> tuple[Any, CallReport]:
+    """Run ``func(*args)`` in a forked child; return its result and report, or raise."""
     mechanism = _platform.select_watcher()
     await anyio.lowlevel.checkpoint_if_cancelled()
-    child = _spawn(func, args, mechanism)
+    child = _spawn(func, args, options, mechanism)
     try:
-        with anyio.move_on_after(timeout) as deadline:
+        with anyio.move_on_after(options.timeout) as deadline:
             await child.collect()
         if deadline.cancelled_caught and not child.reaped:
-            assert timeout is not None
+            child.timed_out = True
             await child.kill_and_reap()
-            raise IsolationTimeout(
-                f"child process {child.pid} ran for longer than timeout={timeout} seconds; "
-                "it was killed",
-                pid=child.pid,
-                timeout=timeout,
-            )
     except BaseException:
         await child.kill_and_reap()
         raise
     finally:
         child.close()
-    return child.outcome()
+    report = child.report()
+    try:
+        return child.outcome(), report
+    except IsolationError as exc:
+        exc.report = report
+        raise
 
 
 def _spawn(
-    func: Callable[..., Any], args: tuple[Any, ...], mechanism: _platform.Mechanism
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    options: Options,
+    mechanism: _platform.Mechanism,
 ) -> _Child:
     loop_kind = _loop_kind()
     parent_pid = os.getpid()
     _flush_parent_stdio()
-    read_fd = write_fd = pid = -1
+    rss_at_fork = _platform.resident_memory()
+    pid = -1
+    opened: list[int] = []  # fds of ours not yet handed to a _Child, closed if anything fails
     watcher: _platform.ChildWatcher | None = None
     with _fork_lock:
         try:
-            read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-            _library_fds.update((read_fd, write_fd))
-            # Taken now: the at-fork hook empties the set in the child.
-            others = list(_library_fds - {write_fd})
+            pipes: dict[str, tuple[int, int]] = {}
+            for name in ("result", "stdout", "stderr"):
+                if name == "result" or getattr(options, name) == "capture":
+                    pipes[name] = os.pipe2(os.O_CLOEXEC)
+                    opened.extend(pipes[name])
+                    _library_fds.update(pipes[name])
+            write_ends = [w for _, w in pipes.values()]
             # Blocked across fork: a signal arriving in the child before it resets the
             # handlers would run the parent's (and wake the parent's loop through its wakeup fd).
             sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            plan = _child.Plan(
+                write_fd=pipes["result"][1],
+                # Listed now: the at-fork hook empties the set in the child.
+                inherited_fds=list(_library_fds.difference(write_ends)),
+                sigmask=sigmask,
+                parent_pid=parent_pid,
+                loop_kind=loop_kind,
+                memory_limit=options.memory_limit,
+                cpu_limit=options.cpu_limit,
+                stdout=_output_target(options.stdout, pipes.get("stdout")),
+                stderr=_output_target(options.stderr, pipes.get("stderr")),
+            )
+            started = time.monotonic()
             try:
                 pid = os.fork()
                 if pid == 0:
                     try:
-                        _child.run(
-                            func,
-                            args,
-                            write_fd=write_fd,
-                            inherited_fds=others,
-                            sigmask=sigmask,
-                            parent_pid=parent_pid,
-                            loop_kind=loop_kind,
-                        )
+                        _child.run(func, args, plan)
                     finally:
                         os._exit(_child.EXIT_INTERNAL)
             finally:
                 # A signal that arrived during fork (Ctrl-C, say) is delivered here, and its
                 # KeyboardInterrupt is cleaned up below like any other failure.
                 signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
-            _close(write_fd)
-            write_fd = -1
+            for fd in write_ends:
+                opened.remove(fd)
+                _close(fd)
             try:
                 # The child does this too; whichever runs first, the group exists before we
                 # return, so a kill sent right away still reaches the child's descendants.
@@ -121,18 +148,35 @@ def _spawn(
             watcher = _platform.watch(pid, mechanism)
             if isinstance(watcher, _platform.PidfdWatcher):
                 _library_fds.add(watcher.pidfd)
-            os.set_blocking(read_fd, False)
-            return _Child(pid, watcher, _protocol.FrameReader(read_fd))
+            for fd in opened:
+                os.set_blocking(fd, False)
+            return _Child(
+                pid,
+                watcher,
+                _protocol.FrameReader(pipes["result"][0]),
+                {
+                    name: Tail(pipes[name][0], options.max_output)
+                    for name in ("stdout", "stderr")
+                    if name in pipes
+                },
+                options,
+                started,
+                rss_at_fork,
+            )
         except BaseException as exc:
-            _undo_spawn(pid, read_fd, write_fd, watcher)
+            _undo_spawn(pid, opened, watcher)
             if pid == -1 and isinstance(exc, OSError):
                 raise _cannot_start(exc) from exc
             raise
 
 
-def _undo_spawn(
-    pid: int, read_fd: int, write_fd: int, watcher: _platform.ChildWatcher | None
-) -> None:
+def _output_target(how: str, pipe: tuple[int, int] | None) -> int:
+    if pipe is not None:
+        return pipe[1]
+    return _child.DISCARD if how == "discard" else _child.INHERIT
+
+
+def _undo_spawn(pid: int, opened: list[int], watcher: _platform.ChildWatcher | None) -> None:
     """Clean up after a failure inside `_spawn`, where there is no event loop to wait with."""
     if pid > 0:
         # Unreaped, so the pid and group id are still this child's. It has just been forked
@@ -147,9 +191,8 @@ def _undo_spawn(
         if isinstance(watcher, _platform.PidfdWatcher):
             _library_fds.discard(watcher.pidfd)
         watcher.close()
-    for fd in (read_fd, write_fd):
-        if fd != -1:
-            _close(fd)
+    for fd in opened:
+        _close(fd)
 
 
 def _flush_parent_stdio() -> None:
@@ -166,23 +209,47 @@ def _flush_parent_stdio() -> None:
 class _Child:
     """The parent's view of one running child, from fork until it is reaped."""
 
-    def __init__(self, pid: int, watcher: _platform.ChildWatcher, reader: _protocol.FrameReader):
+    def __init__(
+        self,
+        pid: int,
+        watcher: _platform.ChildWatcher,
+        reader: _protocol.FrameReader,
+        outputs: dict[str, Tail],
+        options: Options,
+        started: float,
+        rss_at_fork: int,
+    ) -> None:
         self.pid = pid
         self.watcher = watcher
         self.reader = reader
+        self.outputs = outputs
+        self.options = options
+        self.started = started
+        self.rss_at_fork = rss_at_fork
+        self.ended: float | None = None
         self.reaped = False
-        self.status: int | None = None
+        self.waited: tuple[int, resource.struct_rusage] | None = (
+            None  # (status, rusage), None if unknown
+        )
         self.protocol_error: IsolationError | None = None
+        self.timed_out = False
+        self.memory_seen: int | None = None  # set when the watchdog killed the child
 
     async def collect(self) -> None:
         """Read the result while waiting for the child to exit; return once it is reaped."""
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._read)
+                for tail in self.outputs.values():
+                    tg.start_soon(tail.drain)
+                if self.options.memory_limit is not None:
+                    tg.start_soon(
+                        _limits.watch_memory, self.pid, self.options.memory_limit, self._too_big
+                    )
                 await self.watcher.wait_exited()
                 self._reap()
-                # All the child wrote is in the pipe now. Take it without waiting for EOF, which
-                # a descendant that left the process group could postpone for ever.
+                # All the child wrote is in the pipes now. Take it without waiting for EOF,
+                # which a descendant that left the process group could postpone for ever.
                 tg.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The task group is ours, not the caller's: a lone KeyboardInterrupt (or error)
@@ -191,6 +258,8 @@ class _Child:
                 raise group.exceptions[0] from None
             raise
         self._read_available()
+        for tail in self.outputs.values():
+            tail.read_available()
 
     async def _read(self) -> None:
         while True:
@@ -207,29 +276,49 @@ class _Child:
                 self.protocol_error = exc
                 self.kill()
 
-    def kill(self) -> None:
-        """SIGKILL the child and its process group; a no-op once reaped."""
-        if not self.reaped:
-            self.watcher.send_signal(signal.SIGKILL)
-            self._kill_group()
+    def _too_big(self, used: int) -> None:
+        self.memory_seen = used
+        self.kill()
 
-    def _kill_group(self) -> None:
+    def send(self, sig: int) -> None:
+        """Signal the child, and its process group unless told to spare its descendants."""
+        if not self.reaped:
+            self.watcher.send_signal(sig)
+            if self.options.kill_descendants:
+                self._signal_group(sig)
+
+    def kill(self) -> None:
+        self.send(signal.SIGKILL)
+
+    def _signal_group(self, sig: int) -> None:
         # Only while the child is unreaped: until then its pid, which is the group id, is ours.
         try:
-            os.killpg(self.pid, signal.SIGKILL)
+            os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass  # the group is gone already
 
     def _reap(self, *, block: bool = False) -> None:
-        # Descendants still in the group (a subprocess the function started, say) die with it.
-        self._kill_group()
-        self.status = _platform.reap(self.pid, block=block)
+        if self.options.kill_descendants:
+            # Whatever the child started (a subprocess, say) dies with it.
+            self._signal_group(signal.SIGKILL)
+        self.waited = _platform.reap(self.pid, block=block)
+        self.ended = time.monotonic()
         self.reaped = True
 
     async def kill_and_reap(self) -> None:
-        """Kill the child and wait until it is reaped, however often the caller is interrupted."""
-        self.kill()
+        """Stop the child and wait until it is reaped, however often the caller is interrupted.
+
+        With ``kill_grace``, SIGTERM first and SIGKILL only if the child outlives the grace.
+        """
         pending: BaseException | None = None
+        if self.options.kill_grace and not self.reaped:
+            self.send(signal.SIGTERM)
+            try:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self.options.kill_grace):
+                    await self.watcher.wait_exited()
+            except anyio.get_cancelled_exc_class() as exc:
+                pending = exc  # cancelled again (asyncio): cut the grace short
+        self.kill()
         while not self.reaped:
             try:
                 with anyio.CancelScope(shield=True):
@@ -250,13 +339,41 @@ class _Child:
             raise pending
 
     def close(self) -> None:
-        anyio.notify_closing(self.reader.fd)
-        _close(self.reader.fd)
+        for fd in [self.reader.fd, *(tail.fd for tail in self.outputs.values())]:
+            anyio.notify_closing(fd)
+            _close(fd)
         if isinstance(self.watcher, _platform.PidfdWatcher):
             _library_fds.discard(self.watcher.pidfd)
         self.watcher.close()
 
+    def report(self) -> CallReport:
+        exitcode, sig = _exit_fields(self.waited)
+        rusage = self.waited[1] if self.waited else None
+        stdout, stderr = self.outputs.get("stdout"), self.outputs.get("stderr")
+        return CallReport(
+            pid=self.pid,
+            exitcode=exitcode,
+            signal=sig,
+            wall_time=(self.ended or time.monotonic()) - self.started,
+            user_time=rusage.ru_utime if rusage else 0.0,
+            system_time=rusage.ru_stime if rusage else 0.0,
+            # ru_maxrss counts the pages the child shared with the parent from the start.
+            peak_memory=max(0, _platform.maxrss_bytes(rusage) - self.rss_at_fork) if rusage else 0,
+            result_bytes=self.reader.received,
+            stdout=stdout.data if stdout else None,
+            stderr=stderr.data if stderr else None,
+            stdout_dropped=stdout.dropped if stdout else 0,
+            stderr_dropped=stderr.dropped if stderr else 0,
+        )
+
     def outcome(self) -> Any:
+        if self.timed_out:
+            raise IsolationTimeout(
+                f"child process {self.pid} ran for longer than timeout={self.options.timeout} "
+                "seconds; it was killed",
+                pid=self.pid,
+                timeout=self.options.timeout,  # type: ignore[arg-type]  # set, as it fired
+            )
         if self.protocol_error is not None:
             raise self.protocol_error
         if self.reader.complete:
@@ -264,41 +381,90 @@ class _Child:
         raise self._crash()
 
     def _crash(self) -> ChildCrashed:
-        if self.status is None:
+        exitcode, sig = _exit_fields(self.waited)
+        where = self._stderr_tail()
+        if self.memory_seen is not None:
+            limit = self.options.memory_limit
+            assert limit is not None
+            return MemoryLimitExceeded(
+                f"child process {self.pid} was killed for using {_mib(self.memory_seen)} of "
+                f"private memory, over its memory_limit of {_mib(limit)}{where}",
+                pid=self.pid,
+                limit=limit,
+                observed=self.memory_seen,
+            )
+        if self.options.cpu_limit is not None and self._cpu_limit_hit(sig):
+            return CPULimitExceeded(
+                f"child process {self.pid} used up its cpu_limit of {self.options.cpu_limit:g} "
+                f"CPU seconds and was stopped by {sig.name if sig else 'the kernel'}{where}",
+                pid=self.pid,
+                signal=sig,
+                limit=self.options.cpu_limit,
+            )
+        if self.waited is None:
             return ChildCrashed(
                 f"child process {self.pid} ended without sending a result, and its exit status "
                 "is unknown: something else in this process reaped it (a waitpid(-1), or "
-                "SIGCHLD set to SIG_IGN)",
+                f"SIGCHLD set to SIG_IGN){where}",
                 pid=self.pid,
                 exitcode=None,
                 signal=None,
             )
-        code = os.waitstatus_to_exitcode(self.status)
         sent = ""
         if self.reader.received:
             sent = f" (it had sent {self.reader.received} bytes of it)"
-        if code < 0:
-            sig = signal.Signals(-code)
+        if sig is not None:
             return ChildCrashed(
                 f"child process {self.pid} was killed by {sig.name} "
-                f"({signal.strsignal(sig)}) before sending its result{sent}",
+                f"({signal.strsignal(sig)}) before sending its result{sent}{where}",
                 pid=self.pid,
                 exitcode=None,
                 signal=sig,
             )
         why = ""
-        if code == _child.EXIT_INTERNAL:
+        if exitcode == _child.EXIT_INTERNAL:
             why = (
                 "; unless the function chose that code, the child could not send its outcome "
                 "(its stderr says why)"
             )
         return ChildCrashed(
-            f"child process {self.pid} exited with code {code} before sending its result"
-            f"{sent}{why}",
+            f"child process {self.pid} exited with code {exitcode} before sending its result"
+            f"{sent}{why}{where}",
             pid=self.pid,
-            exitcode=code,
+            exitcode=exitcode,
             signal=None,
         )
+
+    def _cpu_limit_hit(self, sig: signal.Signals | None) -> bool:
+        if sig == signal.SIGXCPU:
+            return True
+        # A child that handled SIGXCPU is sent SIGKILL at the hard limit, a second later.
+        if sig == signal.SIGKILL and self.waited is not None:
+            used: float = self.waited[1].ru_utime + self.waited[1].ru_stime
+            return used >= (self.options.cpu_limit or 0)
+        return False
+
+    def _stderr_tail(self, lines: int = 20) -> str:
+        tail = self.outputs.get("stderr")
+        if tail is None or not tail.data.strip():
+            return ""
+        text = tail.data.decode(errors="replace").rstrip().splitlines()[-lines:]
+        return "\nThe end of the child's stderr:\n" + "\n".join(text)
+
+
+def _exit_fields(
+    waited: tuple[int, resource.struct_rusage] | None,
+) -> tuple[int | None, signal.Signals | None]:
+    if waited is None:
+        return None, None
+    code = os.waitstatus_to_exitcode(waited[0])
+    if code < 0:
+        return None, signal.Signals(-code)
+    return code, None
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
 
 
 def _loop_kind() -> _child.LoopKind:

@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
+import faulthandler
 import gc
 import inspect
 import os
 import signal
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, NoReturn
 
-from . import _platform, _protocol
+from . import _limits, _platform, _protocol
 
 LoopKind = Literal["asyncio", "uvloop", "trio"]
 
@@ -30,25 +32,37 @@ LoopKind = Literal["asyncio", "uvloop", "trio"]
 EXIT_INTERNAL: Final = 120
 
 
-def run(
-    func: Callable[..., Any],
-    args: tuple[Any, ...],
-    *,
-    write_fd: int,
-    inherited_fds: Iterable[int],
-    sigmask: Iterable[int],
-    parent_pid: int,
-    loop_kind: LoopKind,
-) -> NoReturn:
+# Plan.stdout / Plan.stderr: keep the parent's, or send to /dev/null; any other value is the
+# write end of a pipe the parent drains.
+INHERIT: Final = -1
+DISCARD: Final = -2
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything the child needs to know beyond the function, fixed by the parent before fork."""
+
+    write_fd: int
+    inherited_fds: list[int]  # the parent's other fds of ours, for the child to close
+    sigmask: set[int]  # the mask to restore once the handlers are reset
+    parent_pid: int
+    loop_kind: LoopKind
+    memory_limit: int | None = None
+    cpu_limit: float | None = None
+    stdout: int = INHERIT
+    stderr: int = INHERIT
+
+
+def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn:
     code = EXIT_INTERNAL
     try:
         try:
-            _become_fresh_process(inherited_fds, sigmask, parent_pid)
+            _become_fresh_process(plan)
         except Exception as exc:
             frame = _protocol.encode_setup_error(exc)
         else:
-            frame = _call(func, args, loop_kind)
-        _write_all(write_fd, frame)
+            frame = _call(func, args, plan.loop_kind)
+        _write_all(plan.write_fd, frame)
         code = 0
     except BaseException:
         # Our own machinery failed. The parent sees the exit code; the traceback goes to the
@@ -59,25 +73,22 @@ def run(
         os._exit(code)
 
 
-def _become_fresh_process(
-    inherited_fds: Iterable[int], sigmask: Iterable[int], parent_pid: int
-) -> None:
+def _become_fresh_process(plan: Plan) -> None:
     # Our own group: Ctrl-C at the terminal reaches only the parent (which then cancels and
     # kills us), and one killpg() reaches everything we start.
     os.setpgid(0, 0)
     _platform.die_with_parent()
-    if os.getppid() != parent_pid:
+    if os.getppid() != plan.parent_pid:
         os._exit(EXIT_INTERNAL)  # the parent died before the line above took effect
 
     _reset_signal_handlers()
     # Signals were blocked across fork so that none could run a parent's handler here; with the
     # handlers reset it is safe to take them again.
-    signal.pthread_sigmask(signal.SIG_SETMASK, sigmask)
+    signal.pthread_sigmask(signal.SIG_SETMASK, plan.sigmask)
 
     # A background process group that reads the terminal is stopped by SIGTTIN.
-    devnull = os.open(os.devnull, os.O_RDONLY)
+    devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    os.close(devnull)
     # What the parent had read ahead is still buffered in its stdin object: drain it, which
     # reads up to the end of /dev/null, so that the child does not see the parent's input.
     try:
@@ -85,14 +96,24 @@ def _become_fresh_process(
             sys.__stdin__.read()
     except (OSError, ValueError):
         pass  # closed, or undecodable bytes: nothing readable either way
+    for fd, target in ((1, plan.stdout), (2, plan.stderr)):
+        if target != INHERIT:
+            os.dup2(devnull if target == DISCARD else target, fd)
+            if target != DISCARD:
+                os.close(target)
+    os.close(devnull)
 
-    for fd in inherited_fds:
+    for fd in plan.inherited_fds:
         try:
             os.close(fd)
         except OSError:
             pass
 
     _forget_event_loops()
+    _limits.apply_in_child(plan.memory_limit, plan.cpu_limit)
+    if plan.stderr >= 0:
+        # stderr is captured: a crash then reports the Python line it happened on.
+        faulthandler.enable(all_threads=True)
     # Everything inherited is long-lived: moving it out of the collector's reach means a GC
     # pass in the child does not write to (and so copy) every page of the parent's heap.
     gc.freeze()

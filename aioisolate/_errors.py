@@ -9,11 +9,17 @@ its failure through both levels intact.
 from __future__ import annotations
 
 import signal as _signal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._report import CallReport
 
 __all__ = [
+    "CPULimitExceeded",
     "ChildCrashed",
     "IsolationError",
     "IsolationTimeout",
+    "MemoryLimitExceeded",
     "RemoteError",
     "RemoteTraceback",
 ]
@@ -25,7 +31,12 @@ class IsolationError(Exception):
     Raised as itself when the call could not be carried out: the result could not be pickled,
     the child sent data the parent could not read, or the `Isolator` was closed while the call
     ran. The subclasses below cover the other ways a call ends without a value.
+
+    Attributes:
+        report: the `CallReport` of the call, when it got as far as forking; else None.
     """
+
+    report: CallReport | None = None
 
 
 class ChildCrashed(IsolationError):
@@ -59,6 +70,39 @@ class ChildCrashed(IsolationError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class MemoryLimitExceeded(ChildCrashed):
+    """The child grew past its ``memory_limit`` and was killed.
+
+    An allocation past the limit normally fails inside the child, where Python raises
+    ``MemoryError`` (re-raised in the parent as itself). This is raised when the parent's
+    watchdog caught what the child's own limit did not: native code that lifted it, or
+    inherited pages the child wrote to.
+
+    Attributes:
+        limit: the limit, in bytes.
+        observed: the child's private memory when it was killed, in bytes.
+    """
+
+    def __init__(self, message: str, *, pid: int, limit: int, observed: int) -> None:
+        super().__init__(message, pid=pid, exitcode=None, signal=_signal.SIGKILL)
+        self.limit = limit
+        self.observed = observed
+
+
+class CPULimitExceeded(ChildCrashed):
+    """The child used up its ``cpu_limit`` seconds of CPU time and was stopped by the kernel.
+
+    Attributes:
+        limit: the limit, in CPU seconds.
+    """
+
+    def __init__(
+        self, message: str, *, pid: int, signal: _signal.Signals | None, limit: float
+    ) -> None:
+        super().__init__(message, pid=pid, exitcode=None, signal=signal)
+        self.limit = limit
 
 
 class IsolationTimeout(IsolationError, TimeoutError):

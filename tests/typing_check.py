@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from typing import assert_type
 
-from aioisolate import Isolator, isolated
+from aioisolate import CallReport, Isolator, isolated, isolated_with_report
 
 
 def square(x: int) -> int:
@@ -29,3 +29,13 @@ async def check() -> None:
         assert_type(await iso.run(greet, "a", 3), str)
     await isolated(square, "seven")  # type: ignore[arg-type]
     await isolated(greet, "a")  # type: ignore[arg-type]
+
+
+async def check_options_and_report() -> None:
+    value, report = await isolated_with_report(square, 7, memory_limit="1GiB", timeout=5)
+    assert_type(value, int)
+    assert_type(report, CallReport)
+    async with Isolator(stdout="capture", kill_grace=1.0) as iso:
+        assert_type(await iso.run_with_report(greet, "a", 2), tuple[str, CallReport])
+    await isolated(square, 7, memory_limt="1GiB")  # type: ignore[call-overload]
+    await isolated(square, 7, stdout="everywhere")  # type: ignore[call-overload]
