@@ -444,12 +444,20 @@ class _Child:
             return used >= (self.options.cpu_limit or 0)
         return False
 
-    def _stderr_tail(self, lines: int = 20) -> str:
+    def _stderr_tail(self, lines: int = 40) -> str:
         tail = self.outputs.get("stderr")
         if tail is None or not tail.data.strip():
             return ""
-        text = tail.data.decode(errors="replace").rstrip().splitlines()[-lines:]
-        return "\nThe end of the child's stderr:\n" + "\n".join(text)
+        text = tail.data.decode(errors="replace").rstrip()
+        # faulthandler's report of a crash starts with this line and lists the innermost frame
+        # first: show its beginning, which says where the crash happened.
+        start = text.rfind("Fatal Python error")
+        if start >= 0:
+            shown = text[start:].splitlines()
+            cut = shown[:lines] + (["  ..."] if len(shown) > lines else [])
+            return "\nThe child's crash report (faulthandler):\n" + "\n".join(cut)
+        shown = text.splitlines()[-lines:]
+        return "\nThe end of the child's stderr:\n" + "\n".join(shown)
 
 
 def _exit_fields(

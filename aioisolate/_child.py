@@ -101,6 +101,7 @@ def _become_fresh_process(plan: Plan) -> None:
             os.dup2(devnull if target == DISCARD else target, fd)
             if target != DISCARD:
                 os.close(target)
+            _rebind_stream(fd)
     os.close(devnull)
 
     for fd in plan.inherited_fds:
@@ -113,10 +114,25 @@ def _become_fresh_process(plan: Plan) -> None:
     _limits.apply_in_child(plan.memory_limit, plan.cpu_limit)
     if plan.stderr >= 0:
         # stderr is captured: a crash then reports the Python line it happened on.
-        faulthandler.enable(all_threads=True)
+        faulthandler.enable(file=sys.stderr, all_threads=True)
     # Everything inherited is long-lived: moving it out of the collector's reach means a GC
     # pass in the child does not write to (and so copy) every page of the parent's heap.
     gc.freeze()
+
+
+def _rebind_stream(fd: int) -> None:
+    """Point sys.stdout or sys.stderr at the fd just redirected.
+
+    The inherited object may write elsewhere (a test runner's capture file) or hold text the
+    parent buffered; a fresh one on the fd sends Python-level output where C-level output goes.
+    """
+    name = "stdout" if fd == 1 else "stderr"
+    old = getattr(sys, name)
+    encoding = getattr(old, "encoding", None) or "utf-8"
+    stream = open(fd, "w", encoding=encoding, errors="backslashreplace", closefd=False)  # noqa: SIM115
+    if fd == 2:
+        stream.reconfigure(line_buffering=True)  # as Python's own stderr
+    setattr(sys, name, stream)
 
 
 def _reset_signal_handlers() -> None:

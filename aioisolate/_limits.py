@@ -75,7 +75,9 @@ async def watch_memory(pid: int, limit: int, exceeded: Callable[[int], None]) ->
     memory the child writes into that it inherited (copy-on-write pages count only here).
     """
     while True:
-        used = await anyio.to_thread.run_sync(private_memory, pid, abandon_on_cancel=True)
+        # Not abandoned on cancel: the read ends within milliseconds, and an abandoned thread
+        # would hold a /proc fd after the call returned.
+        used = await anyio.to_thread.run_sync(private_memory, pid)
         if used is None:
             return
         if used > limit:

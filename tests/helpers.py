@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import anyio
 import psutil
+import pytest
 
 
 class Channel:
@@ -73,3 +74,17 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+# For slow tests whose subject does not depend on the backend or the watcher (CPU limits, say):
+# run them once, on asyncio with pidfds, instead of six times.
+ONE_VARIANT = [
+    pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"]),
+    pytest.mark.parametrize("child_watcher", ["pidfd"], indirect=True),
+]
+
+
+def one_variant(test: object) -> object:
+    for mark in ONE_VARIANT:
+        test = mark(test)
+    return test

@@ -44,6 +44,17 @@ def forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         ({"timeout": "5"}, TypeError, "timeout must be a number"),
         ({"timeout": True}, TypeError, "timeout must be a number"),
         ({"limiter": 3}, TypeError, "anyio.CapacityLimiter"),
+        ({"memory_limit": "lots"}, ValueError, "'lots' is not a size"),
+        ({"memory_limit": "5 parsecs"}, ValueError, "is not a size"),
+        ({"memory_limit": -5}, ValueError, "memory_limit must be positive"),
+        ({"memory_limit": 1.5}, TypeError, "memory_limit must be a number of bytes"),
+        ({"cpu_limit": 0}, ValueError, "cpu_limit must be a positive number"),
+        ({"kill_grace": -1}, ValueError, "kill_grace must be a positive number"),
+        ({"kill_descendants": "yes"}, TypeError, "kill_descendants must be True or False"),
+        ({"stdout": "tty"}, ValueError, "stdout must be one of"),
+        ({"stderr": None}, ValueError, "stderr must be one of"),
+        ({"max_output": 0}, ValueError, "max_output must be positive"),
+        ({"memroy_limit": "1GiB"}, TypeError, "unknown option.*memroy_limit"),
     ],
 )
 async def test_bad_options_fail_before_fork(
@@ -89,3 +100,20 @@ async def test_isolator_timeout_default_and_override() -> None:
         with pytest.raises(aioisolate.IsolationTimeout) as info:
             await iso.run(time.sleep, 30, timeout=0.2)
         assert info.value.timeout == 0.2
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("4096", 4096),
+        ("512MiB", 512 << 20),
+        ("1.5GiB", 3 << 29),
+        ("2 GB", 2_000_000_000),
+        ("10kb", 10_000),
+        (1234, 1234),
+    ],
+)
+def test_sizes(text: str | int, size: int) -> None:
+    from aioisolate._options import parse_size
+
+    assert parse_size("memory_limit", text) == size

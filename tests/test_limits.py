@@ -1,0 +1,201 @@
+"""Limits and the kill policy: contain a child that misbehaves, and keep serving."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import anyio
+import psutil
+import pytest
+from helpers import Channel, is_gone, one_variant, wait_until
+
+from aioisolate import (
+    CPULimitExceeded,
+    IsolationTimeout,
+    MemoryLimitExceeded,
+    isolated,
+    isolated_with_report,
+)
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1 << 20
+
+
+def allocate(n: int) -> int:
+    data = bytearray(b"\x01") * n  # written, so it is resident
+    return len(data)
+
+
+@pytest.fixture(scope="module")
+def big_parent() -> bytes:
+    """Half a gigabyte held by the parent, resident."""
+    return b"\x02" * (512 * MiB)
+
+
+async def test_python_allocation_past_the_limit_is_a_memory_error() -> None:
+    with pytest.raises(MemoryError):
+        await isolated(allocate, 1024 * MiB, memory_limit="200MiB")
+    # The parent lives on and serves the next call.
+    assert await isolated(allocate, 10 * MiB, memory_limit="200MiB") == 10 * MiB
+
+
+async def test_limit_is_relative_to_what_the_child_inherited(big_parent: bytes) -> None:
+    # An absolute address-space limit of 200 MiB would fail at once inside this parent.
+    assert await isolated(allocate, 100 * MiB, memory_limit="200MiB") == 100 * MiB
+    with pytest.raises(MemoryError):
+        await isolated(allocate, 300 * MiB, memory_limit="200MiB")
+
+
+def native_allocation(n: int) -> None:
+    # Native code that lifts the rlimit and then allocates: only the watchdog can stop it.
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+    buffer = ctypes.create_string_buffer(n)
+    ctypes.memset(buffer, 1, n)
+    time.sleep(600)
+
+
+async def test_watchdog_kills_a_native_allocation_past_the_limit() -> None:
+    with pytest.raises(MemoryLimitExceeded) as info:
+        await isolated(native_allocation, 600 * MiB, memory_limit="200MiB")
+    err = info.value
+    assert err.limit == 200 * MiB
+    assert err.observed > err.limit
+    assert err.signal is signal.SIGKILL
+    assert "memory_limit of 200.0 MiB" in str(err)
+    assert err.report is not None
+    assert err.report.signal is signal.SIGKILL
+    assert await isolated(pow, 2, 3) == 8
+
+
+def spin() -> None:
+    while True:
+        pass
+
+
+@one_variant
+async def test_cpu_limit_stops_a_busy_loop() -> None:
+    with pytest.raises(CPULimitExceeded) as info:
+        await isolated(spin, cpu_limit=1)
+    err = info.value
+    assert err.limit == 1
+    assert err.signal is signal.SIGXCPU
+    assert err.report is not None
+    used = err.report.user_time + err.report.system_time
+    assert 0.9 <= used < 2.5, used
+
+
+def spin_ignoring_sigxcpu() -> None:
+    signal.signal(signal.SIGXCPU, signal.SIG_IGN)
+    spin()
+
+
+@one_variant
+async def test_cpu_limit_holds_when_the_child_ignores_sigxcpu() -> None:
+    with pytest.raises(CPULimitExceeded) as info:
+        await isolated(spin_ignoring_sigxcpu, cpu_limit=1)
+    assert info.value.signal is signal.SIGKILL  # the hard limit, a second later
+
+
+@one_variant
+async def test_cpu_limit_is_not_wall_time() -> None:
+    # Sleeping uses no CPU: a 1 s CPU limit does not stop a 1.2 s sleep.
+    assert await isolated(time.sleep, 1.2, cpu_limit=1) is None
+
+
+def ignore_sigterm_then_hang(channel: Channel) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    channel.send(os.getpid())
+    time.sleep(600)
+
+
+def exit_on_sigterm(channel: Channel) -> None:
+    def on_term(*_: object) -> None:
+        channel.send("terminated")
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    channel.send(os.getpid())
+    time.sleep(600)
+
+
+async def test_kill_grace_sends_sigterm_first(channel: Channel) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: isolated(exit_on_sigterm, channel, kill_grace=30))
+        await channel.receive()
+        tg.cancel_scope.cancel()
+    # It exited on SIGTERM, well before the 30 s grace: the call did not wait for it.
+    assert await channel.receive() == ["terminated"]
+
+
+async def test_kill_grace_ends_in_sigkill(channel: Channel) -> None:
+    grace = 0.5
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: isolated(ignore_sigterm_then_hang, channel, kill_grace=grace))
+        child = psutil.Process(int((await channel.receive())[0]))
+        start = time.monotonic()
+        tg.cancel_scope.cancel()
+    elapsed = time.monotonic() - start
+    assert not child.is_running()
+    assert grace <= elapsed < grace + 2
+
+
+async def test_kill_grace_applies_to_timeouts(channel: Channel) -> None:
+    with pytest.raises(IsolationTimeout):
+        await isolated(exit_on_sigterm, channel, timeout=0.5, kill_grace=30)
+    await channel.receive()  # its pid
+    assert await channel.receive() == ["terminated"]
+
+
+def start_grandchild(channel: Channel, then: str) -> None:
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    channel.send(grandchild.pid)
+    if then == "raise":
+        raise ValueError("after starting a grandchild")
+    if then == "hang":
+        time.sleep(600)
+
+
+@pytest.mark.parametrize("outcome", ["success", "raise", "timeout", "cancel"])
+async def test_grandchildren_die_with_the_child(channel: Channel, outcome: str) -> None:
+    async def call() -> None:
+        if outcome == "success":
+            await isolated(start_grandchild, channel, "return")
+        elif outcome == "raise":
+            with pytest.raises(ValueError, match="grandchild"):
+                await isolated(start_grandchild, channel, "raise")
+        elif outcome == "timeout":
+            with pytest.raises(IsolationTimeout):
+                await isolated(start_grandchild, channel, "hang", timeout=0.5)
+        else:
+            await isolated(start_grandchild, channel, "hang")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        grandchild = psutil.Process(int((await channel.receive())[0]))
+        if outcome == "cancel":
+            tg.cancel_scope.cancel()
+    assert wait_until(lambda: is_gone(grandchild))
+
+
+async def test_kill_descendants_false_spares_them(channel: Channel) -> None:
+    await isolated(start_grandchild, channel, "return", kill_descendants=False)
+    grandchild = psutil.Process(int((await channel.receive())[0]))
+    try:
+        assert grandchild.is_running()
+        assert grandchild.status() != psutil.STATUS_ZOMBIE
+    finally:
+        grandchild.kill()
+
+
+async def test_peak_memory_is_the_childs_own(big_parent: bytes) -> None:
+    # The child inherits 512 MiB resident; it allocates 100 MiB of its own.
+    _, report = await isolated_with_report(allocate, 100 * MiB)
+    assert 70 * MiB <= report.peak_memory <= 130 * MiB, report
