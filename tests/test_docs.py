@@ -13,6 +13,9 @@ ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
+# The snippets do not depend on the watcher: run them once.
+pytestmark = pytest.mark.parametrize("child_watcher", ["pidfd"], indirect=True)
+
 SNIPPETS = [
     pytest.param(code, id=f"{page.relative_to(ROOT)}#{n}")
     for page in PAGES
