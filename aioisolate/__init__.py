@@ -13,6 +13,8 @@ from ._errors import RemoteError as RemoteError
 from ._errors import RemoteTraceback as RemoteTraceback
 from ._options import CallOptions as CallOptions
 from ._report import CallReport as CallReport
+from ._wrap import isolate as isolate
+from ._wrap import run_isolated as run_isolated
 
 __version__ = "0.1.0.dev0"
 
@@ -28,8 +30,10 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "default_limiter",
+    "isolate",
     "isolated",
     "isolated_with_report",
+    "run_isolated",
 ]
 
 # Public objects say they live here, so tracebacks, reprs and docs show the public path.

@@ -5,7 +5,14 @@ from __future__ import annotations
 import functools
 from typing import assert_type
 
-from aioisolate import CallReport, Isolator, isolated, isolated_with_report
+from aioisolate import (
+    CallReport,
+    Isolator,
+    isolate,
+    isolated,
+    isolated_with_report,
+    run_isolated,
+)
 
 
 def square(x: int) -> int:
@@ -39,3 +46,21 @@ async def check_options_and_report() -> None:
         assert_type(await iso.run_with_report(greet, "a", 2), tuple[str, CallReport])
     await isolated(square, 7, memory_limt="1GiB")  # type: ignore[call-overload]
     await isolated(square, 7, stdout="everywhere")  # type: ignore[call-overload]
+
+
+@isolate
+def decorated(x: int, *, scale: float = 1.0) -> float:
+    return x * scale
+
+
+@isolate(timeout=5)
+async def decorated_async(name: str) -> str:
+    return name
+
+
+async def check_wrappers() -> None:
+    assert_type(await decorated(2, scale=0.5), float)
+    assert_type(await decorated_async("x"), str)
+    assert_type(run_isolated(square, 3), int)
+    assert_type(run_isolated(greet, "a", 2), str)
+    await decorated("2")  # type: ignore[arg-type]
