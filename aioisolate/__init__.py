@@ -13,6 +13,8 @@ from ._errors import RemoteError as RemoteError
 from ._errors import RemoteTraceback as RemoteTraceback
 from ._options import CallOptions as CallOptions
 from ._report import CallReport as CallReport
+from ._stream import ItemStream as ItemStream
+from ._stream import isolated_iter as isolated_iter
 from ._wrap import isolate as isolate
 from ._wrap import run_isolated as run_isolated
 
@@ -24,6 +26,7 @@ __all__ = [
     "CallReport",
     "ChildCrashed",
     "IsolationError",
+    "ItemStream",
     "IsolationTimeout",
     "Isolator",
     "MemoryLimitExceeded",
@@ -32,6 +35,7 @@ __all__ = [
     "default_limiter",
     "isolate",
     "isolated",
+    "isolated_iter",
     "isolated_with_report",
     "run_isolated",
 ]

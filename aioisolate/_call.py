@@ -19,16 +19,19 @@ Captured stdout/stderr and the memory watchdog run beside the reader in step 2.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
+import anyio.abc
+import anyio.lowlevel
 
 from . import _child, _limits, _platform, _protocol
 from ._errors import (
@@ -92,6 +95,8 @@ def _spawn(
     args: tuple[Any, ...],
     options: Options,
     mechanism: _platform.Mechanism,
+    *,
+    stream: bool = False,
 ) -> _Child:
     loop_kind = _loop_kind()
     parent_pid = os.getpid()
@@ -123,6 +128,7 @@ def _spawn(
                 cpu_limit=options.cpu_limit,
                 stdout=_output_target(options.stdout, pipes.get("stdout")),
                 stderr=_output_target(options.stderr, pipes.get("stderr")),
+                stream=stream,
             )
             started = time.monotonic()
             try:
@@ -237,29 +243,46 @@ class _Child:
 
     async def collect(self) -> None:
         """Read the result while waiting for the child to exit; return once it is reaped."""
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._read)
-                for tail in self.outputs.values():
-                    tg.start_soon(tail.drain)
-                if self.options.memory_limit is not None:
-                    tg.start_soon(
-                        _limits.watch_memory, self.pid, self.options.memory_limit, self._too_big
-                    )
-                await self.watcher.wait_exited()
-                self._reap()
-                # All the child wrote is in the pipes now. Take it without waiting for EOF,
-                # which a descendant that left the process group could postpone for ever.
-                tg.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The task group is ours, not the caller's: a lone KeyboardInterrupt (or error)
-            # must reach the caller as itself.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+        async with _task_group() as tg:
+            tg.start_soon(self._read)
+            self._serve(tg)
+            await self.watcher.wait_exited()
+            self._reap()
+            # All the child wrote is in the pipes now. Take it without waiting for EOF, which
+            # a descendant that left the process group could postpone for ever.
+            tg.cancel_scope.cancel()
         self._read_available()
         for tail in self.outputs.values():
             tail.read_available()
+
+    async def next_frame(self) -> bool:
+        """Wait for the next frame of a stream: True once one is complete, False at EOF.
+
+        The captured output and the memory watchdog are served while it waits (between two
+        waits the child can be paused on a full pipe, never harmed).
+        """
+        self._read_available()
+        if self.reader.complete or self.reader.eof or self.protocol_error:
+            # Already in the pipe: no need to wait, but let other tasks run (and a
+            # cancellation in), as any await should.
+            await anyio.lowlevel.checkpoint()
+        elif self.outputs or self.options.memory_limit is not None:
+            async with _task_group() as tg:
+                self._serve(tg)
+                await self._read()
+                tg.cancel_scope.cancel()
+        else:
+            await self._read()
+        if self.protocol_error is not None:
+            raise self.protocol_error
+        return self.reader.complete
+
+    def _serve(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start what runs beside the reader: output drains and the memory watchdog."""
+        for tail in self.outputs.values():
+            tg.start_soon(tail.drain)
+        if self.options.memory_limit is not None:
+            tg.start_soon(_limits.watch_memory, self.pid, self.options.memory_limit, self._too_big)
 
     async def _read(self) -> None:
         while True:
@@ -458,6 +481,19 @@ class _Child:
             return "\nThe child's crash report (faulthandler):\n" + "\n".join(cut)
         shown = text.splitlines()[-lines:]
         return "\nThe end of the child's stderr:\n" + "\n".join(shown)
+
+
+@contextlib.asynccontextmanager
+async def _task_group() -> AsyncIterator[anyio.abc.TaskGroup]:
+    """A task group of the call's own: a lone exception (a KeyboardInterrupt, say) leaves it as
+    itself, not wrapped in an exception group the caller never asked for."""
+    try:
+        async with anyio.create_task_group() as tg:
+            yield tg
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 def _exit_fields(

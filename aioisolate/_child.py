@@ -51,6 +51,7 @@ class Plan:
     cpu_limit: float | None = None
     stdout: int = INHERIT
     stderr: int = INHERIT
+    stream: bool = False  # func is a generator function: send its items as they come
 
 
 def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn:
@@ -61,7 +62,7 @@ def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn
         except Exception as exc:
             frame = _protocol.encode_setup_error(exc)
         else:
-            frame = _call(func, args, plan.loop_kind)
+            frame = _call(func, args, plan.loop_kind, plan.write_fd if plan.stream else None)
         _write_all(plan.write_fd, frame)
         code = 0
     except BaseException:
@@ -181,8 +182,14 @@ def _forget_event_loops() -> None:
         sniffio.thread_local.name = None
 
 
-def _call(func: Callable[..., Any], args: tuple[Any, ...], loop_kind: LoopKind) -> list[bytes]:
-    """Run the function in a copy of the caller's context and encode what came of it."""
+def _call(
+    func: Callable[..., Any], args: tuple[Any, ...], loop_kind: LoopKind, stream_fd: int | None
+) -> list[bytes]:
+    """Run the function in a copy of the caller's context and encode what came of it.
+
+    With ``stream_fd``, the function returns an iterator (or async iterator): each item is
+    written to that fd as it comes, and the returned frame is the one that ends the stream.
+    """
     context = contextvars.copy_context()
     sniffio = sys.modules.get("sniffio")
     if sniffio is not None:
@@ -190,6 +197,8 @@ def _call(func: Callable[..., Any], args: tuple[Any, ...], loop_kind: LoopKind) 
         context.run(sniffio.current_async_library_cvar.set, None)
     try:
         result = context.run(func, *args)
+        if stream_fd is not None:
+            return context.run(_send_items, result, loop_kind, stream_fd)
         if inspect.isawaitable(result):
             result = context.run(_run_on_new_loop, result, loop_kind)
     except BaseException as exc:
@@ -198,6 +207,41 @@ def _call(func: Callable[..., Any], args: tuple[Any, ...], loop_kind: LoopKind) 
         return _protocol.encode_result(result)
     except Exception as exc:
         return _protocol.encode_unpicklable_result(result, exc)
+
+
+def _send_items(items: Any, loop_kind: LoopKind, fd: int) -> list[bytes]:
+    """Write each item as it is produced. The write blocks while the pipe is full, which is
+    what pauses this generator while the consumer in the parent is slow."""
+
+    def send(item: object) -> list[bytes] | None:
+        try:
+            frame = _protocol.encode_item(item)
+        except Exception as exc:
+            return _protocol.encode_unpicklable_result(item, exc)
+        _write_all(fd, frame)
+        return None
+
+    if hasattr(items, "__anext__"):
+
+        async def send_all() -> list[bytes] | None:
+            async for item in items:
+                stop = send(item)
+                if stop is not None:
+                    await items.aclose()
+                    return stop
+            return None
+
+        stop = _run_on_new_loop(send_all(), loop_kind)
+    else:
+        stop = None
+        for item in items:
+            stop = send(item)
+            if stop is not None:
+                close = getattr(items, "close", None)
+                if close is not None:
+                    close()
+                break
+    return stop if stop is not None else _protocol.encode_end()
 
 
 def _run_on_new_loop(awaitable: Awaitable[Any], loop_kind: LoopKind) -> Any:

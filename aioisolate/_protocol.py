@@ -6,7 +6,8 @@ A frame is a fixed header followed by a payload::
 
 ``RESULT`` carries the return value pickled with cloudpickle. ``ERROR`` carries a plain-data
 description of what went wrong in the child (see `encode_error`), with the exception itself
-pickled inside it when that was possible. The child sends exactly one frame and exits.
+pickled inside it when that was possible. A call sends exactly one of them and exits. A stream
+(`isolated_iter`) sends an ``ITEM`` frame per item, then ``END`` or ``ERROR``.
 
 Unpickling runs code chosen by whoever produced the bytes: this codec is for trusted code only.
 """
@@ -30,6 +31,8 @@ HEADER: Final = struct.Struct(">4sBB2xQ")
 
 RESULT: Final = 1
 ERROR: Final = 2
+ITEM: Final = 3  # one item of a streamed generator; any number come before END or ERROR
+END: Final = 4  # the generator finished
 
 # ERROR payloads say which of these happened in the child.
 _RAISED: Final = "raised"  # func raised an Exception
@@ -45,6 +48,17 @@ def encode_result(value: object) -> list[bytes]:
     """The frame for a return value, as buffers to write in order (no copy of the payload)."""
     payload = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     return [HEADER.pack(MAGIC, VERSION, RESULT, len(payload)), payload]
+
+
+def encode_item(value: object) -> list[bytes]:
+    """The frame for one item of a streamed generator."""
+    payload = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return [HEADER.pack(MAGIC, VERSION, ITEM, len(payload)), payload]
+
+
+def encode_end() -> list[bytes]:
+    """The frame that ends a stream."""
+    return [HEADER.pack(MAGIC, VERSION, END, 0)]
 
 
 def encode_error(exc: BaseException) -> list[bytes]:
@@ -82,7 +96,7 @@ def _error_frame(
 
 def decode(kind: int, payload: bytes | bytearray) -> object:
     """The value a frame carries, or raise what it describes."""
-    if kind == RESULT:
+    if kind in (RESULT, ITEM):
         try:
             return pickle.loads(payload)
         except Exception as exc:
@@ -122,7 +136,10 @@ def decode(kind: int, payload: bytes | bytearray) -> object:
 
 @dataclass
 class FrameReader:
-    """Reads one frame from a non-blocking pipe, straight into a buffer of the final size."""
+    """Reads frames from a non-blocking pipe, each straight into a buffer of its final size.
+
+    It stops at the end of a frame; `reset` readies it for the next one.
+    """
 
     fd: int
     header: bytearray | None = None
@@ -162,6 +179,11 @@ class FrameReader:
             if self.payload is None and self.filled == HEADER.size:
                 self._start_payload()
 
+    def reset(self) -> None:
+        self.header = None
+        self.payload = None
+        self.filled = 0
+
     def _header_buffer(self) -> bytearray:
         if self.header is None:
             self.header = bytearray(HEADER.size)
@@ -170,7 +192,7 @@ class FrameReader:
     def _start_payload(self) -> None:
         assert self.header is not None
         magic, version, kind, length = HEADER.unpack(self.header)
-        if magic != MAGIC or version != VERSION or kind not in (RESULT, ERROR):
+        if magic != MAGIC or version != VERSION or kind not in (RESULT, ERROR, ITEM, END):
             raise IsolationError(
                 f"the child wrote data that is not a result frame to the result pipe "
                 f"(header {bytes(self.header)!r})"
