@@ -41,14 +41,19 @@ class ItemStream(AsyncIterator[T], Generic[T]):
 
     Without the ``async with``, a stream left early is closed when the event loop finalizes
     it, soon but not at once. An exception raised by the generator is raised after the items
-    it yielded before it. ``report`` is set once the stream has ended.
+    it yielded before it.
     """
 
-    report: CallReport | None
-
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], options: Options) -> None:
-        self.report = None
-        self._items: AsyncGenerator[T, None] = _items(func, args, options, self)
+        # The generator gets a holder for the report, not this object: a reference back would
+        # make a cycle, and a stream dropped in a cycle is closed only by a full GC pass.
+        self._reports: list[CallReport] = []
+        self._items: AsyncGenerator[T, None] = _items(func, args, options, self._reports)
+
+    @property
+    def report(self) -> CallReport | None:
+        """The call's `CallReport`, once the stream has ended (or been closed)."""
+        return self._reports[-1] if self._reports else None
 
     def __aiter__(self) -> Self:
         return self
@@ -104,7 +109,7 @@ def isolated_iter(
 
 
 async def _items(
-    func: Callable[..., Any], args: tuple[Any, ...], options: Options, stream: ItemStream[Any]
+    func: Callable[..., Any], args: tuple[Any, ...], options: Options, reports: list[CallReport]
 ) -> AsyncGenerator[Any, None]:
     mechanism = _platform.select_watcher()
     limiter = default_limiter() if options.limiter is None else options.limiter
@@ -142,10 +147,10 @@ async def _items(
             raise
         finally:
             child.close()
-            stream.report = child.report()
+            reports.append(child.report())
     finally:
         limiter.release_on_behalf_of(borrower)
-    report = stream.report
+    report = reports[-1]
     try:
         if child.reader.complete and child.reader.kind == _protocol.END:
             return
