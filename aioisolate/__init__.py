@@ -3,6 +3,7 @@
 from ._api import Isolator as Isolator
 from ._api import default_limiter as default_limiter
 from ._api import isolated as isolated
+from ._api import isolated_map as isolated_map
 from ._api import isolated_with_report as isolated_with_report
 from ._errors import ChildCrashed as ChildCrashed
 from ._errors import CPULimitExceeded as CPULimitExceeded
@@ -11,7 +12,10 @@ from ._errors import IsolationTimeout as IsolationTimeout
 from ._errors import MemoryLimitExceeded as MemoryLimitExceeded
 from ._errors import RemoteError as RemoteError
 from ._errors import RemoteTraceback as RemoteTraceback
+from ._map import MapProgress as MapProgress
+from ._map import MapResults as MapResults
 from ._options import CallOptions as CallOptions
+from ._progress import tqdm_progress as tqdm_progress
 from ._report import CallReport as CallReport
 from ._stream import ItemStream as ItemStream
 from ._stream import isolated_iter as isolated_iter
@@ -27,6 +31,8 @@ __all__ = [
     "ChildCrashed",
     "IsolationError",
     "ItemStream",
+    "MapProgress",
+    "MapResults",
     "IsolationTimeout",
     "Isolator",
     "MemoryLimitExceeded",
@@ -36,8 +42,10 @@ __all__ = [
     "isolate",
     "isolated",
     "isolated_iter",
+    "isolated_map",
     "isolated_with_report",
     "run_isolated",
+    "tqdm_progress",
 ]
 
 # Public objects say they live here, so tracebacks, reprs and docs show the public path.

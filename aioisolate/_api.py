@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -12,6 +12,7 @@ import anyio.lowlevel
 
 from ._call import run_in_child
 from ._errors import IsolationError
+from ._map import MapProgress, MapResults
 from ._options import DEFAULTS, CallOptions, Options
 from ._report import CallReport
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     PosArgsT = TypeVarTuple("PosArgsT")
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 _default_limiter_var: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
     "aioisolate.default_limiter"
@@ -136,12 +138,80 @@ async def isolated_with_report(
 
 
 async def _run(
-    func: Callable[..., Any], args: tuple[Any, ...], options: Options
+    func: Callable[..., Any], args: tuple[Any, ...], options: Options, *, limit: bool = True
 ) -> tuple[Any, CallReport]:
     if not callable(func):
         raise TypeError(f"func must be callable, not {type(func).__name__}")
+    if not limit:  # the caller holds a token already (a fan-out)
+        return await run_in_child(func, args, options)
     async with default_limiter() if options.limiter is None else options.limiter:
         return await run_in_child(func, args, options)
+
+
+@overload
+def isolated_map(
+    func: Callable[[A], Awaitable[T]],
+    inputs: Iterable[A] | AsyncIterable[A],
+    *,
+    ordered: bool = True,
+    return_exceptions: bool = False,
+    on_progress: Callable[[MapProgress], object] | None = None,
+    **options: Unpack[CallOptions],
+) -> MapResults[T]: ...
+
+
+@overload
+def isolated_map(
+    func: Callable[[A], T],
+    inputs: Iterable[A] | AsyncIterable[A],
+    *,
+    ordered: bool = True,
+    return_exceptions: bool = False,
+    on_progress: Callable[[MapProgress], object] | None = None,
+    **options: Unpack[CallOptions],
+) -> MapResults[T]: ...
+
+
+def isolated_map(
+    func: Callable[[A], Any],
+    inputs: Iterable[A] | AsyncIterable[A],
+    *,
+    ordered: bool = True,
+    return_exceptions: bool = False,
+    on_progress: Callable[[MapProgress], object] | None = None,
+    **options: Unpack[CallOptions],
+) -> MapResults[Any]:
+    """Run ``func(item)`` in its own child for every item of ``inputs``; see `MapResults`.
+
+    Use it as ``async with isolated_map(func, inputs) as results: async for r in results``.
+    The limiter (``limiter=``, else `default_limiter`) bounds how many children run at once,
+    and the other options apply to every call.
+
+    Args:
+        func: the function to run on each item, sync or async.
+        inputs: an iterable or async iterable, pulled only as capacity frees.
+        ordered: results in input order (the default), or as they complete.
+        return_exceptions: yield an exception in place of its result instead of raising it
+            (and cancelling the rest).
+        on_progress: called with a `MapProgress` whenever a call starts or ends, and once
+            more at the end; `tqdm_progress` gives one that draws a progress bar.
+    """
+    if not callable(func):
+        raise TypeError(f"func must be callable, not {type(func).__name__}")
+    checked = DEFAULTS.merge(options)
+
+    async def call(item: Any) -> Any:
+        value, _ = await _run(func, (item,), checked, limit=False)
+        return value
+
+    return MapResults(
+        call,
+        inputs,
+        default_limiter() if checked.limiter is None else checked.limiter,
+        ordered=ordered,
+        return_exceptions=return_exceptions,
+        on_progress=on_progress,
+    )
 
 
 class Isolator:
@@ -244,8 +314,68 @@ class Isolator:
         """Like `isolated_with_report`, with this isolator's options as defaults."""
         return await self._run(func, args, options)
 
+    @overload
+    def map(
+        self,
+        func: Callable[[A], Awaitable[T]],
+        inputs: Iterable[A] | AsyncIterable[A],
+        *,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        on_progress: Callable[[MapProgress], object] | None = None,
+        **options: Unpack[CallOptions],
+    ) -> MapResults[T]: ...
+
+    @overload
+    def map(
+        self,
+        func: Callable[[A], T],
+        inputs: Iterable[A] | AsyncIterable[A],
+        *,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        on_progress: Callable[[MapProgress], object] | None = None,
+        **options: Unpack[CallOptions],
+    ) -> MapResults[T]: ...
+
+    def map(
+        self,
+        func: Callable[[A], Any],
+        inputs: Iterable[A] | AsyncIterable[A],
+        *,
+        ordered: bool = True,
+        return_exceptions: bool = False,
+        on_progress: Callable[[MapProgress], object] | None = None,
+        **options: Unpack[CallOptions],
+    ) -> MapResults[Any]:
+        """Like `isolated_map`, with this isolator's options as defaults.
+
+        Closing the isolator also ends the fan-out's running calls.
+        """
+        if not callable(func):
+            raise TypeError(f"func must be callable, not {type(func).__name__}")
+        limiter = self._options.merge(options).limiter  # checks the options now
+
+        async def call(item: Any) -> Any:
+            value, _ = await self._run(func, (item,), options, limit=False)
+            return value
+
+        return MapResults(
+            call,
+            inputs,
+            default_limiter() if limiter is None else limiter,
+            ordered=ordered,
+            return_exceptions=return_exceptions,
+            on_progress=on_progress,
+        )
+
     async def _run(
-        self, func: Callable[..., Any], args: tuple[Any, ...], overrides: CallOptions
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        overrides: CallOptions,
+        *,
+        limit: bool = True,
     ) -> tuple[Any, CallReport]:
         if self._state != "open":
             raise RuntimeError(
@@ -257,7 +387,7 @@ class Isolator:
         with anyio.CancelScope() as scope:
             self._running.add(scope)
             try:
-                return await _run(func, args, options)
+                return await _run(func, args, options, limit=limit)
             finally:
                 self._running.discard(scope)
                 if not self._running and self._idle is not None:

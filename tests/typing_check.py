@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import AsyncIterator, Iterator
 from typing import assert_type
 
 from aioisolate import (
@@ -10,6 +11,8 @@ from aioisolate import (
     Isolator,
     isolate,
     isolated,
+    isolated_iter,
+    isolated_map,
     isolated_with_report,
     run_isolated,
 )
@@ -64,3 +67,28 @@ async def check_wrappers() -> None:
     assert_type(run_isolated(square, 3), int)
     assert_type(run_isolated(greet, "a", 2), str)
     await decorated("2")  # type: ignore[arg-type]
+
+
+async def check_fan_out() -> None:
+    async with isolated_map(square, range(3)) as results:
+        async for value in results:
+            assert_type(value, int)
+    async with isolated_map(greet_once, ["a"], ordered=False) as names:
+        async for name in names:
+            assert_type(name, str)
+    async for item in isolated_iter(count_up, 3):
+        assert_type(item, int)
+    async for text in isolated_iter(async_words):
+        assert_type(text, str)
+
+
+async def greet_once(name: str) -> str:
+    return name
+
+
+def count_up(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+async def async_words() -> AsyncIterator[str]:
+    yield "word"

@@ -1,0 +1,35 @@
+"""A ready-made ``on_progress`` for fan-outs: a tqdm progress bar."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._map import MapProgress
+
+
+class tqdm_progress:  # noqa: N801  (used like a function: on_progress=tqdm_progress())
+    """A progress bar for `isolated_map` and `Isolator.map`, drawn with tqdm.
+
+    Pass it as ``on_progress=tqdm_progress(desc="searching")``; keyword arguments go to
+    ``tqdm.tqdm``. The bar counts finished calls (done and failed) and shows how many failed
+    and how many are running; it closes itself when the fan-out ends. Needs the ``progress``
+    extra: ``pip install aioisolate[progress]``.
+    """
+
+    def __init__(self, **tqdm_options: Any) -> None:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as exc:
+            raise ImportError(
+                "tqdm_progress needs tqdm: pip install 'aioisolate[progress]'"
+            ) from exc
+        self.bar = tqdm(**{"unit": "call", **tqdm_options})
+
+    def __call__(self, progress: MapProgress) -> None:
+        if progress.total is not None and self.bar.total != progress.total:
+            self.bar.total = progress.total
+        self.bar.n = progress.done + progress.failed
+        self.bar.set_postfix(failed=progress.failed, running=progress.running, refresh=False)
+        self.bar.refresh()
+        if progress.finished:
+            self.bar.close()
