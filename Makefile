@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/leaky_compute.py
 	$(BIN)/python examples/heavy_work.py
 	$(BIN)/python examples/tree_search.py
+	$(BIN)/python examples/parallel_tree_search.py
 
 test: lint typecheck pytest
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import anyio
 import heavy_work
 import leaky_compute
+import parallel_tree_search as c4
 import psutil
 import pytest
 import tree_search
@@ -80,9 +81,30 @@ async def test_48_tree_searches_with_gather() -> None:
     assert results == [2**d for d in depths]
 
 
+@pytest.mark.anyio
+async def test_connect_four_search_finds_the_winning_move() -> None:
+    board: c4.Board = tuple(() for _ in range(c4.COLUMNS))
+    for column in (0, 1, 2):  # three in a row for player 1, player 2 answering on top
+        board = c4.play(c4.play(board, column, 1), column, -1)
+    column, value = await c4.best_move(board, 3, progress=False)
+    assert (column, value) == (3, c4.WIN)
+
+
+@pytest.mark.anyio
+async def test_connect_four_isolated_agrees_with_in_process() -> None:
+    board: c4.Board = tuple(() for _ in range(c4.COLUMNS))
+    board = c4.play(c4.play(board, 3, 1), 2, -1)
+    in_process = max(
+        (c4.search_root_move((board, column, 4)) for column in c4.moves(board)),
+        key=lambda scored: scored[1],
+    )
+    assert await c4.best_move(board, 4, progress=False) == in_process
+
+
 @pytest.mark.parametrize(
     ("script", "expected"),
     [
+        ("parallel_tree_search.py", "best move: column"),
         ("leaky_compute.py", "20 in-process calls: parent RSS grew by"),
         ("heavy_work.py", "50000 records kept"),
         ("tree_search.py", "depth 8, branching 3: 6561 leaves"),
@@ -90,7 +112,8 @@ async def test_48_tree_searches_with_gather() -> None:
 )
 def test_example_runs(script: str, expected: str) -> None:
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script)],
+        [sys.executable, str(EXAMPLES / script)]
+        + (["--depth", "6"] if script == "parallel_tree_search.py" else []),
         capture_output=True,
         text=True,
         timeout=120,
