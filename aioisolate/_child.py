@@ -115,6 +115,9 @@ def _become_fresh_process(plan: Plan) -> None:
     _limits.apply_in_child(plan.memory_limit, plan.cpu_limit)
     if plan.stderr >= 0:
         # stderr is captured: a crash then reports the Python line it happened on.
+        # If the parent had it enabled, enable() alone would see it "already enabled" and not
+        # install the handlers that _reset_signal_handlers removed.
+        faulthandler.disable()
         faulthandler.enable(file=sys.stderr, all_threads=True)
     # Everything inherited is long-lived: moving it out of the collector's reach means a GC
     # pass in the child does not write to (and so copy) every page of the parent's heap.
