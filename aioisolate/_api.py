@@ -138,14 +138,19 @@ async def isolated_with_report(
 
 
 async def _run(
-    func: Callable[..., Any], args: tuple[Any, ...], options: Options, *, limit: bool = True
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    options: Options,
+    *,
+    limit: bool = True,
+    reports: list[CallReport] | None = None,
 ) -> tuple[Any, CallReport]:
     if not callable(func):
         raise TypeError(f"func must be callable, not {type(func).__name__}")
     if not limit:  # the caller holds a token already (a fan-out)
-        return await run_in_child(func, args, options)
+        return await run_in_child(func, args, options, reports)
     async with default_limiter() if options.limiter is None else options.limiter:
-        return await run_in_child(func, args, options)
+        return await run_in_child(func, args, options, reports)
 
 
 @overload
@@ -384,14 +389,18 @@ class Isolator:
                 else "this Isolator is closed"
             )
         options = self._options.merge(overrides)
+        reports: list[CallReport] = []
         with anyio.CancelScope() as scope:
             self._running.add(scope)
             try:
-                return await _run(func, args, options, limit=limit)
+                return await _run(func, args, options, limit=limit, reports=reports)
             finally:
                 self._running.discard(scope)
                 if not self._running and self._idle is not None:
                     self._idle.set()
-        raise IsolationError(
-            "the Isolator was closed while this call was running; its child was killed"
+        closed = IsolationError(
+            "the Isolator was closed while this call was running"
+            + ("; its child was killed" if reports else ", before it started a child")
         )
+        closed.report = reports[-1] if reports else None
+        raise closed

@@ -65,9 +65,15 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 async def run_in_child(
-    func: Callable[..., Any], args: tuple[Any, ...], options: Options
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    options: Options,
+    reports: list[CallReport] | None = None,
 ) -> tuple[Any, CallReport]:
-    """Run ``func(*args)`` in a forked child; return its result and report, or raise."""
+    """Run ``func(*args)`` in a forked child; return its result and report, or raise.
+
+    The report is also appended to ``reports``, on every path, cancellation included.
+    """
     mechanism = _platform.select_watcher()
     await anyio.lowlevel.checkpoint_if_cancelled()
     child = _spawn(func, args, options, mechanism)
@@ -82,11 +88,15 @@ async def run_in_child(
         raise
     finally:
         child.close()
-    report = child.report()
+        report = child.report()
+        if reports is not None:
+            reports.append(report)
     try:
         return child.outcome(), report
     except IsolationError as exc:
-        exc.report = report
+        # Not one raised by the function itself: an error from a nested call keeps its own.
+        if exc.report is None:
+            exc.report = report
         raise
 
 
@@ -101,7 +111,7 @@ def _spawn(
     loop_kind = _loop_kind()
     parent_pid = os.getpid()
     _flush_parent_stdio()
-    rss_at_fork = _platform.resident_memory()
+    _, anonymous_at_fork = _platform.resident_memory()
     pid = -1
     opened: list[int] = []  # fds of ours not yet handed to a _Child, closed if anything fails
     watcher: _platform.ChildWatcher | None = None
@@ -167,7 +177,7 @@ def _spawn(
                 },
                 options,
                 started,
-                rss_at_fork,
+                anonymous_at_fork,
             )
         except BaseException as exc:
             _undo_spawn(pid, opened, watcher)
@@ -223,7 +233,7 @@ class _Child:
         outputs: dict[str, Tail],
         options: Options,
         started: float,
-        rss_at_fork: int,
+        anonymous_at_fork: int,
     ) -> None:
         self.pid = pid
         self.watcher = watcher
@@ -231,7 +241,9 @@ class _Child:
         self.outputs = outputs
         self.options = options
         self.started = started
-        self.rss_at_fork = rss_at_fork
+        # The parent's anonymous resident memory at fork: the child starts with this much.
+        self.anonymous_at_fork = anonymous_at_fork
+        self.killed = False  # whether we sent the child a signal
         self.ended: float | None = None
         self.reaped = False
         self.waited: tuple[int, resource.struct_rusage] | None = (
@@ -282,7 +294,13 @@ class _Child:
         for tail in self.outputs.values():
             tg.start_soon(tail.drain)
         if self.options.memory_limit is not None:
-            tg.start_soon(_limits.watch_memory, self.pid, self.options.memory_limit, self._too_big)
+            tg.start_soon(
+                _limits.watch_memory,
+                self.pid,
+                self.options.memory_limit,
+                self.anonymous_at_fork,
+                self._too_big,
+            )
 
     async def _read(self) -> None:
         while True:
@@ -306,6 +324,7 @@ class _Child:
     def send(self, sig: int) -> None:
         """Signal the child, and its process group unless told to spare its descendants."""
         if not self.reaped:
+            self.killed = True
             self.watcher.send_signal(sig)
             if self.options.kill_descendants:
                 self._signal_group(sig)
@@ -327,39 +346,56 @@ class _Child:
         self.waited = _platform.reap(self.pid, block=block)
         self.ended = time.monotonic()
         self.reaped = True
+        # What the child wrote last is in the pipes now: take it without waiting for EOF,
+        # which a descendant that left the process group could postpone for ever.
+        for tail in self.outputs.values():
+            tail.read_available()
 
     async def kill_and_reap(self) -> None:
         """Stop the child and wait until it is reaped, however often the caller is interrupted.
 
         With ``kill_grace``, SIGTERM first and SIGKILL only if the child outlives the grace.
+        Captured output is drained meanwhile, so a child writing as it ends is not blocked.
         """
         pending: BaseException | None = None
         if self.options.kill_grace and not self.reaped:
             self.send(signal.SIGTERM)
             try:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(self.options.kill_grace):
-                    await self.watcher.wait_exited()
-            except anyio.get_cancelled_exc_class() as exc:
-                pending = exc  # cancelled again (asyncio): cut the grace short
+                    await self._wait_exited()
+            except BaseException as exc:
+                # Cancelled again (asyncio), or a KeyboardInterrupt (trio delivers it through
+                # shields): cut the grace short; SIGKILL follows.
+                pending = exc
         self.kill()
         while not self.reaped:
             try:
                 with anyio.CancelScope(shield=True):
-                    await self.watcher.wait_exited()
+                    await self._wait_exited()
             except anyio.get_cancelled_exc_class() as exc:
                 # asyncio's task.cancel() goes through shields. The child is already dying, so
                 # wait on, and pass the cancellation on once it is reaped.
                 pending = exc
                 continue
             except BaseException as exc:
-                # A KeyboardInterrupt (trio delivers it through shields) or a failing watcher.
-                # The child has been sent SIGKILL: waiting for it without the loop is short.
+                # A KeyboardInterrupt or a failing watcher. The child has been sent SIGKILL:
+                # waiting for it without the loop is short.
                 pending = exc
                 self._reap(block=True)
                 break
             self._reap()
         if pending is not None:
             raise pending
+
+    async def _wait_exited(self) -> None:
+        if not self.outputs:
+            await self.watcher.wait_exited()
+            return
+        async with _task_group() as tg:
+            for tail in self.outputs.values():
+                tg.start_soon(tail.drain)
+            await self.watcher.wait_exited()
+            tg.cancel_scope.cancel()
 
     def close(self) -> None:
         for fd in [self.reader.fd, *(tail.fd for tail in self.outputs.values())]:
@@ -380,14 +416,23 @@ class _Child:
             wall_time=(self.ended or time.monotonic()) - self.started,
             user_time=rusage.ru_utime if rusage else 0.0,
             system_time=rusage.ru_stime if rusage else 0.0,
-            # ru_maxrss counts the pages the child shared with the parent from the start.
-            peak_memory=max(0, _platform.maxrss_bytes(rusage) - self.rss_at_fork) if rusage else 0,
+            peak_memory=self._peak_memory(rusage),
             result_bytes=self.reader.received,
             stdout=stdout.data if stdout else None,
             stderr=stderr.data if stderr else None,
             stdout_dropped=stdout.dropped if stdout else 0,
             stderr_dropped=stderr.dropped if stderr else 0,
         )
+
+    def _peak_memory(self, rusage: resource.struct_rusage | None) -> int:
+        if rusage is None:
+            return 0
+        # ru_maxrss counts what the child had resident from the start, shared with the parent.
+        # The child says how much that was; a child that died before saying is measured
+        # against the anonymous memory it inherited, which fork always counts for it.
+        start = self.reader.resident_at_start
+        baseline = self.anonymous_at_fork if start is None else start
+        return max(0, _platform.maxrss_bytes(rusage) - baseline)
 
     def outcome(self) -> Any:
         if self.timed_out:
@@ -461,10 +506,11 @@ class _Child:
     def _cpu_limit_hit(self, sig: signal.Signals | None) -> bool:
         if sig == signal.SIGXCPU:
             return True
-        # A child that handled SIGXCPU is sent SIGKILL at the hard limit, a second later.
-        if sig == signal.SIGKILL and self.waited is not None:
+        # A child that handles SIGXCPU gets SIGKILL at the hard limit, a second later. A
+        # SIGKILL from us (a timeout, say) or below that much CPU time came from elsewhere.
+        if sig == signal.SIGKILL and not self.killed and self.waited is not None:
             used: float = self.waited[1].ru_utime + self.waited[1].ru_stime
-            return used >= (self.options.cpu_limit or 0)
+            return used >= _limits.cpu_hard_limit(self.options.cpu_limit or 0) - 0.05
         return False
 
     def _stderr_tail(self, lines: int = 40) -> str:

@@ -59,10 +59,12 @@ def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn
     try:
         try:
             _become_fresh_process(plan)
+            resident_at_start, _ = _platform.resident_memory()
         except Exception as exc:
             frame = _protocol.encode_setup_error(exc)
         else:
             frame = _call(func, args, plan.loop_kind, plan.write_fd if plan.stream else None)
+            frame = _protocol.encode_stats(resident_at_start) + frame
         _write_all(plan.write_fd, frame)
         code = 0
     except BaseException:

@@ -8,11 +8,9 @@ import resource
 from collections.abc import Callable
 
 import anyio
-import anyio.to_thread
 import psutil
 
-# How often the watchdog looks at a child's memory. Reading it costs a walk of the child's
-# page tables (about 1 ms per GB), done in a worker thread.
+# How often the watchdog looks at a child's memory (a read of /proc/PID/statm).
 WATCH_INTERVAL = 0.05
 
 
@@ -23,11 +21,15 @@ def apply_in_child(memory_limit: int | None, cpu_limit: float | None) -> None:
         # in the child of a large parent.
         _lower_soft_limit(resource.RLIMIT_AS, _address_space() + memory_limit)
     if cpu_limit is not None:
-        seconds = math.ceil(cpu_limit)
         # SIGXCPU at the soft limit; SIGKILL a second later if the function catches that.
-        _lower_limits(resource.RLIMIT_CPU, seconds, seconds + 1)
+        _lower_limits(resource.RLIMIT_CPU, math.ceil(cpu_limit), cpu_hard_limit(cpu_limit))
         # SIGXCPU's default action dumps core; a core file of a big process is slow to write.
         _lower_limits(resource.RLIMIT_CORE, 0, None)
+
+
+def cpu_hard_limit(cpu_limit: float) -> int:
+    """CPU seconds after which the kernel sends SIGKILL (RLIMIT_CPU counts whole seconds)."""
+    return math.ceil(cpu_limit) + 1
 
 
 def _address_space() -> int:
@@ -56,31 +58,38 @@ def _min_limit(a: int, b: int) -> int:
     return min(a, b)
 
 
-def private_memory(pid: int) -> int | None:
-    """Bytes of memory only this process holds (USS), or None once it is gone.
+def anonymous_memory(process: psutil.Process) -> int | None:
+    """Bytes of anonymous memory the process has resident, or None once it is gone.
 
-    Not RSS: a forked child shares the parent's pages until it writes to them, and RSS counts
-    those shared pages in full.
+    For a forked child, this starts at what the parent had at fork (fork copies that count)
+    and grows with every page the child allocates. Unlike USS it does not grow when the
+    *parent* writes to pages they shared (the parent gets the copy), and unlike plain RSS it
+    leaves out file-backed pages, which the child shares with everyone.
     """
     try:
-        return int(psutil.Process(pid).memory_full_info().uss)
+        info = process.memory_info()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
+    return int(info.rss - getattr(info, "shared", 0))
 
 
-async def watch_memory(pid: int, limit: int, exceeded: Callable[[int], None]) -> None:
-    """Call ``exceeded(bytes_seen)`` once the child's private memory passes ``limit``.
+async def watch_memory(
+    pid: int, limit: int, inherited: int, exceeded: Callable[[int], None]
+) -> None:
+    """Call ``exceeded(bytes_grown)`` once the child has grown ``limit`` past ``inherited``.
 
-    Catches what the child's rlimit cannot: native code that raised its own limit back, or
-    memory the child writes into that it inherited (copy-on-write pages count only here).
+    Catches what the child's rlimit cannot: native code that raised its own limit back. Reading
+    the figure is one small read of /proc, done on the event loop's thread.
     """
+    try:
+        process = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
     while True:
-        # Not abandoned on cancel: the read ends within milliseconds, and an abandoned thread
-        # would hold a /proc fd after the call returned.
-        used = await anyio.to_thread.run_sync(private_memory, pid)
+        used = anonymous_memory(process)
         if used is None:
             return
-        if used > limit:
-            exceeded(used)
+        if used - inherited > limit:
+            exceeded(used - inherited)
             return
         await anyio.sleep(WATCH_INTERVAL)

@@ -74,9 +74,11 @@ class Options:
         o = dict(overrides)
         if "limiter" in o:
             _check_limiter(o["limiter"])
-        for name in ("timeout", "cpu_limit"):
-            if o.get(name) is not None:
-                o[name] = _positive_seconds(name, o[name])
+        if o.get("timeout") is not None:
+            timeout = _positive_seconds("timeout", o["timeout"], allow_inf=True)
+            o["timeout"] = None if timeout == math.inf else timeout
+        if o.get("cpu_limit") is not None:
+            o["cpu_limit"] = _positive_seconds("cpu_limit", o["cpu_limit"], most=_MAX_CPU)
         if "kill_grace" in o:
             grace = o["kill_grace"]
             o["kill_grace"] = 0.0 if grace == 0 else _positive_seconds("kill_grace", grace)
@@ -93,6 +95,10 @@ class Options:
 
 
 DEFAULTS: Final = Options()
+
+# What rlimits can hold (they are 64-bit counts), with room to add what the child inherited.
+_MAX_SIZE: Final = 1 << 60
+_MAX_CPU: Final = 1e9  # seconds: about 30 years
 
 _UNITS: Final = {
     "": 1,
@@ -128,14 +134,22 @@ def parse_size(name: str, value: object) -> int:
         value = int(float(match.group(1)) * unit)
     if value <= 0:
         raise ValueError(f"{name} must be positive, not {value}")
+    if value > _MAX_SIZE:
+        raise ValueError(f"{name}={value} is more than any system has (at most {_MAX_SIZE})")
     return value
 
 
-def _positive_seconds(name: str, value: object) -> float:
+def _positive_seconds(
+    name: str, value: object, *, allow_inf: bool = False, most: float = math.inf
+) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
     if math.isnan(value) or value <= 0:
         raise ValueError(f"{name} must be a positive number of seconds, not {value}")
+    if value == math.inf and not allow_inf:
+        raise ValueError(f"{name} must be finite; leave it out for no limit")
+    if value > most:
+        raise ValueError(f"{name}={value} is more than the system can enforce ({most:g})")
     return float(value)
 
 

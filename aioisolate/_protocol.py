@@ -7,7 +7,9 @@ A frame is a fixed header followed by a payload::
 ``RESULT`` carries the return value pickled with cloudpickle. ``ERROR`` carries a plain-data
 description of what went wrong in the child (see `encode_error`), with the exception itself
 pickled inside it when that was possible. A call sends exactly one of them and exits. A stream
-(`isolated_iter`) sends an ``ITEM`` frame per item, then ``END`` or ``ERROR``.
+(`isolated_iter`) sends an ``ITEM`` frame per item, then ``END`` or ``ERROR``. The last frame
+comes right after a ``STATS`` frame: the child's resident memory when it started, which the
+parent subtracts from its peak.
 
 Unpickling runs code chosen by whoever produced the bytes: this codec is for trusted code only.
 """
@@ -33,6 +35,8 @@ RESULT: Final = 1
 ERROR: Final = 2
 ITEM: Final = 3  # one item of a streamed generator; any number come before END or ERROR
 END: Final = 4  # the generator finished
+STATS: Final = 5  # figures from the child, just before its last frame; read by FrameReader
+_STATS_PAYLOAD: Final = struct.Struct(">Q")
 
 # ERROR payloads say which of these happened in the child.
 _RAISED: Final = "raised"  # func raised an Exception
@@ -59,6 +63,12 @@ def encode_item(value: object) -> list[bytes]:
 def encode_end() -> list[bytes]:
     """The frame that ends a stream."""
     return [HEADER.pack(MAGIC, VERSION, END, 0)]
+
+
+def encode_stats(resident_at_start: int) -> list[bytes]:
+    """The frame with the child's own figures, sent just before its last frame."""
+    payload = _STATS_PAYLOAD.pack(resident_at_start)
+    return [HEADER.pack(MAGIC, VERSION, STATS, len(payload)), payload]
 
 
 def encode_error(exc: BaseException) -> list[bytes]:
@@ -147,6 +157,7 @@ class FrameReader:
     filled: int = 0
     received: int = 0
     eof: bool = False
+    resident_at_start: int | None = None  # from the child's STATS frame
 
     @property
     def complete(self) -> bool:
@@ -178,6 +189,11 @@ class FrameReader:
             self.received += n
             if self.payload is None and self.filled == HEADER.size:
                 self._start_payload()
+            if self.complete and self.kind == STATS:
+                assert self.payload is not None
+                if len(self.payload) == _STATS_PAYLOAD.size:
+                    (self.resident_at_start,) = _STATS_PAYLOAD.unpack(self.payload)
+                self.reset()
 
     def reset(self) -> None:
         self.header = None
@@ -192,7 +208,7 @@ class FrameReader:
     def _start_payload(self) -> None:
         assert self.header is not None
         magic, version, kind, length = HEADER.unpack(self.header)
-        if magic != MAGIC or version != VERSION or kind not in (RESULT, ERROR, ITEM, END):
+        if magic != MAGIC or version != VERSION or kind not in (RESULT, ERROR, ITEM, END, STATS):
             raise IsolationError(
                 f"the child wrote data that is not a result frame to the result pipe "
                 f"(header {bytes(self.header)!r})"

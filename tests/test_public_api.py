@@ -55,6 +55,10 @@ def forks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         ({"stderr": None}, ValueError, "stderr must be one of"),
         ({"max_output": 0}, ValueError, "max_output must be positive"),
         ({"memroy_limit": "1GiB"}, TypeError, "unknown option.*memroy_limit"),
+        ({"cpu_limit": float("inf")}, ValueError, "cpu_limit must be finite"),
+        ({"cpu_limit": 1e19}, ValueError, "more than the system can enforce"),
+        ({"kill_grace": float("inf")}, ValueError, "kill_grace must be finite"),
+        ({"memory_limit": "100000000TiB"}, ValueError, "more than any system has"),
     ],
 )
 async def test_bad_options_fail_before_fork(
@@ -117,3 +121,8 @@ def test_sizes(text: str | int, size: int) -> None:
     from aioisolate._options import parse_size
 
     assert parse_size("memory_limit", text) == size
+
+
+@pytest.mark.anyio
+async def test_infinite_timeout_means_none() -> None:
+    assert await isolated(pow, 2, 2, timeout=float("inf")) == 4

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 
+import anyio
 import pytest
 
 from aioisolate import (
@@ -125,3 +126,15 @@ async def test_isolator_defaults_and_per_call_overrides() -> None:
         with pytest.raises(MemoryError):
             await iso.run(bytearray, 512 << 20)
         assert await iso.run(len, bytearray(10), memory_limit="1GiB") == 10
+
+
+async def test_output_written_just_before_exit_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aioisolate._output import Tail
+
+    async def never_drain(self: Tail) -> None:
+        await anyio.sleep_forever()
+
+    # With the drains idle, only the final read after the child exits can see this.
+    monkeypatch.setattr(Tail, "drain", never_drain)
+    _, report = await isolated_with_report(os.write, 1, b"last words\n", stdout="capture")
+    assert report.stdout == b"last words\n"

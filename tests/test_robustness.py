@@ -240,3 +240,64 @@ async def test_isolator_close_waits_through_a_second_native_cancel(
     assert psutil.Process().children() == []  # all reaped before the block was left
     with pytest.raises(IsolationError, match="Isolator was closed"):
         await runs[0]
+
+
+async def test_interrupt_during_kill_grace_still_kills_and_reaps(
+    monkeypatch: pytest.MonkeyPatch, channel: Channel
+) -> None:
+    real_wait = _call._Child._wait_exited
+    graced = []
+
+    async def wait(self: _call._Child) -> None:
+        if not graced:
+            graced.append(1)
+            raise Interrupt  # a Ctrl-C while waiting out the grace
+        await real_wait(self)
+
+    def ignore_term_and_hang() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        channel.send("started")
+        time.sleep(600)
+
+    monkeypatch.setattr(_call._Child, "_wait_exited", wait)
+    async with anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            with pytest.raises(Interrupt):
+                await isolated(ignore_term_and_hang, kill_grace=30)
+
+        tg.start_soon(call)
+        await channel.receive()
+        tg.cancel_scope.cancel()
+    assert graced == [1]  # and no child is left: see no_leaks
+
+
+async def test_report_of_an_isolator_closed_mid_call(channel: Channel) -> None:
+    errors: list[IsolationError] = []
+
+    def announce_then_hang() -> None:
+        channel.send("started")
+        time.sleep(600)
+
+    async def call(iso: Isolator) -> None:
+        try:
+            await iso.run(announce_then_hang)
+        except IsolationError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg, Isolator() as iso:
+        tg.start_soon(call, iso)
+        await channel.receive()
+    assert errors[0].report is not None
+    assert errors[0].report.signal is signal.SIGKILL
+
+
+async def test_an_error_from_a_nested_call_keeps_its_own_report() -> None:
+    async def outer() -> None:
+        await isolated(os._exit, 3)
+
+    with pytest.raises(ChildCrashed) as info:
+        await isolated(outer)
+    assert info.value.report is not None
+    assert info.value.report.pid == info.value.pid  # the inner child's, not the outer's
+    assert info.value.report.exitcode == 3
