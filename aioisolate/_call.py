@@ -455,8 +455,9 @@ class _Child:
             limit = self.options.memory_limit
             assert limit is not None
             return MemoryLimitExceeded(
-                f"child process {self.pid} was killed for using {_mib(self.memory_seen)} of "
-                f"private memory, over its memory_limit of {_mib(limit)}{where}",
+                f"child process {self.pid} grew by {_mib(self.memory_seen)} of memory beyond "
+                f"what it inherited, over its memory_limit of {_mib(limit)}, and was killed"
+                f"{where}",
                 pid=self.pid,
                 limit=limit,
                 observed=self.memory_seen,

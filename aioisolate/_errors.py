@@ -77,12 +77,11 @@ class MemoryLimitExceeded(ChildCrashed):
 
     An allocation past the limit normally fails inside the child, where Python raises
     ``MemoryError`` (re-raised in the parent as itself). This is raised when the parent's
-    watchdog caught what the child's own limit did not: native code that lifted it, or
-    inherited pages the child wrote to.
+    watchdog caught what the child's own limit did not, such as native code that lifted it.
 
     Attributes:
         limit: the limit, in bytes.
-        observed: the child's private memory when it was killed, in bytes.
+        observed: how much the child had grown beyond what it inherited, in bytes.
     """
 
     def __init__(self, message: str, *, pid: int, limit: int, observed: int) -> None:

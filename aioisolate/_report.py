@@ -18,8 +18,9 @@ class CallReport:
         exitcode: its exit code, or None if a signal ended it or the status is unknown.
         signal: the signal that ended it, or None.
         wall_time: seconds from fork to reaping.
-        user_time: CPU seconds the child spent in user mode.
-        system_time: CPU seconds the child spent in the kernel.
+        user_time: CPU seconds the child spent in user mode (with the processes it started and
+            waited for, as the kernel counts them).
+        system_time: CPU seconds the child spent in the kernel (likewise).
         peak_memory: the child's own peak resident memory in bytes: its peak less what it
             held at fork, so a child of a 1 GB parent that allocates 10 MB reports about 10 MB.
         result_bytes: bytes the child sent back (the pickled result or error).
