@@ -42,8 +42,8 @@ def allocate(n: int) -> int:
 
 @pytest.fixture(scope="module")
 def big_parent() -> bytes:
-    """Half a gigabyte held by the parent, resident."""
-    return b"\x02" * (512 * MiB)
+    """A gigabyte held by the parent, resident."""
+    return b"\x02" * (1024 * MiB)
 
 
 async def test_python_allocation_past_the_limit_is_a_memory_error() -> None:
@@ -208,7 +208,7 @@ async def test_kill_descendants_false_spares_them(channel: Channel) -> None:
 
 @pytest.mark.parametrize("size", [10 * MiB, 100 * MiB])
 async def test_peak_memory_is_the_childs_own(big_parent: bytes, size: int) -> None:
-    # The child inherits 512 MiB resident; it allocates 10 or 100 MiB of its own.
+    # The child inherits 1 GiB resident; it allocates 10 or 100 MiB of its own.
     _, report = await isolated_with_report(allocate, size)
     assert 0.7 * size <= report.peak_memory <= 1.3 * size, report
 
