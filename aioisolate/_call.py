@@ -139,6 +139,7 @@ def _spawn(
                 stdout=_output_target(options.stdout, pipes.get("stdout")),
                 stderr=_output_target(options.stderr, pipes.get("stderr")),
                 stream=stream,
+                codec=options.codec,
             )
             started = time.monotonic()
             try:
@@ -169,7 +170,7 @@ def _spawn(
             return _Child(
                 pid,
                 watcher,
-                _protocol.FrameReader(pipes["result"][0]),
+                _protocol.FrameReader(pipes["result"][0], max_size=options.result_limit),
                 {
                     name: Tail(pipes[name][0], options.max_output)
                     for name in ("stdout", "stderr")
@@ -256,7 +257,7 @@ class _Child:
     async def collect(self) -> None:
         """Read the result while waiting for the child to exit; return once it is reaped."""
         async with _task_group() as tg:
-            tg.start_soon(self._read)
+            tg.start_soon(lambda: self._read(final=True))
             self._serve(tg)
             await self.watcher.wait_exited()
             self._reap()
@@ -302,12 +303,32 @@ class _Child:
                 self._too_big,
             )
 
-    async def _read(self) -> None:
+    async def _read(self, *, final: bool = False) -> None:
+        """Read until a frame is complete, or EOF. With ``final`` (the frame that ends the
+        call), go on to EOF: a child that writes anything after it is killed."""
         while True:
             self._read_available()
-            if self.reader.complete or self.reader.eof or self.protocol_error:
+            if self.protocol_error is not None or self.reader.eof:
                 return
+            if self.reader.complete:
+                if not final or self._nothing_follows():
+                    return
             await anyio.wait_readable(self.reader.fd)
+
+    def _nothing_follows(self) -> bool:
+        """False while the pipe may still bring data after the last frame."""
+        try:
+            extra = os.read(self.reader.fd, 1)
+        except BlockingIOError:
+            return False  # nothing yet: wait for EOF
+        if extra:
+            self.protocol_error = IsolationError(
+                "the child wrote more after its result; it was killed"
+            )
+            self.kill()
+        else:
+            self.reader.eof = True
+        return True
 
     def _read_available(self) -> None:
         if self.protocol_error is None:
@@ -445,7 +466,9 @@ class _Child:
         if self.protocol_error is not None:
             raise self.protocol_error
         if self.reader.complete:
-            return _protocol.decode(self.reader.kind, self.reader.payload)  # type: ignore[arg-type]
+            payload = self.reader.payload
+            assert payload is not None
+            return _protocol.decode(self.reader.kind, payload, self.options.codec)
         raise self._crash()
 
     def _crash(self) -> ChildCrashed:

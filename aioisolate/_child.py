@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, NoReturn
 
 from . import _limits, _platform, _protocol
+from ._codec import PICKLE, Codec
 
 LoopKind = Literal["asyncio", "uvloop", "trio"]
 
@@ -52,6 +53,7 @@ class Plan:
     stdout: int = INHERIT
     stderr: int = INHERIT
     stream: bool = False  # func is a generator function: send its items as they come
+    codec: Codec = PICKLE
 
 
 def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn:
@@ -63,7 +65,7 @@ def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn
         except Exception as exc:
             frame = _protocol.encode_setup_error(exc)
         else:
-            frame = _call(func, args, plan.loop_kind, plan.write_fd if plan.stream else None)
+            frame = _call(func, args, plan)
             frame = _protocol.encode_stats(resident_at_start) + frame
         _write_all(plan.write_fd, frame)
         code = 0
@@ -187,13 +189,11 @@ def _forget_event_loops() -> None:
         sniffio.thread_local.name = None
 
 
-def _call(
-    func: Callable[..., Any], args: tuple[Any, ...], loop_kind: LoopKind, stream_fd: int | None
-) -> list[bytes]:
+def _call(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> list[bytes]:
     """Run the function in a copy of the caller's context and encode what came of it.
 
-    With ``stream_fd``, the function returns an iterator (or async iterator): each item is
-    written to that fd as it comes, and the returned frame is the one that ends the stream.
+    For a stream, the function returns an iterator (or async iterator): each item is written
+    to the result pipe as it comes, and the returned frame is the one that ends the stream.
     """
     context = contextvars.copy_context()
     sniffio = sys.modules.get("sniffio")
@@ -202,28 +202,28 @@ def _call(
         context.run(sniffio.current_async_library_cvar.set, None)
     try:
         result = context.run(func, *args)
-        if stream_fd is not None:
-            return context.run(_send_items, result, loop_kind, stream_fd)
+        if plan.stream:
+            return context.run(_send_items, result, plan)
         if inspect.isawaitable(result):
-            result = context.run(_run_on_new_loop, result, loop_kind)
+            result = context.run(_run_on_new_loop, result, plan.loop_kind)
     except BaseException as exc:
-        return _protocol.encode_error(exc)
+        return _protocol.encode_error(exc, plan.codec)
     try:
-        return _protocol.encode_result(result)
+        return _protocol.encode_result(result, plan.codec)
     except Exception as exc:
         return _protocol.encode_unpicklable_result(result, exc)
 
 
-def _send_items(items: Any, loop_kind: LoopKind, fd: int) -> list[bytes]:
+def _send_items(items: Any, plan: Plan) -> list[bytes]:
     """Write each item as it is produced. The write blocks while the pipe is full, which is
     what pauses this generator while the consumer in the parent is slow."""
 
     def send(item: object) -> list[bytes] | None:
         try:
-            frame = _protocol.encode_item(item)
+            frame = _protocol.encode_item(item, plan.codec)
         except Exception as exc:
             return _protocol.encode_unpicklable_result(item, exc)
-        _write_all(fd, frame)
+        _write_all(plan.write_fd, frame)
         return None
 
     if hasattr(items, "__anext__"):
@@ -236,7 +236,7 @@ def _send_items(items: Any, loop_kind: LoopKind, fd: int) -> list[bytes]:
                     return stop
             return None
 
-        stop = _run_on_new_loop(send_all(), loop_kind)
+        stop = _run_on_new_loop(send_all(), plan.loop_kind)
     else:
         stop = None
         for item in items:

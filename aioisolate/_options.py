@@ -9,6 +9,9 @@ from typing import Final, Literal, TypedDict
 
 import anyio
 
+from ._codec import PICKLE, Codec, CodecName
+from ._codec import resolve as resolve_codec
+
 Output = Literal["inherit", "discard", "capture"]
 _OUTPUTS: Final = ("inherit", "discard", "capture")
 
@@ -37,6 +40,12 @@ class CallOptions(TypedDict, total=False):
         stderr: the same for stderr. Capturing it also enables ``faulthandler`` in the child,
             so that a crash reports the Python line where it happened.
         max_output: bytes of each captured stream to keep (the tail); default ``"1MiB"``.
+        codec: how the result comes back: ``"pickle"`` (the default; trusted code only, as
+            unpickling runs code), ``"safe"`` (plain data only, decoded without running any
+            code), or an object with ``dumps`` and ``loads``.
+        max_result_size: the largest result (each item, for a stream) the parent accepts, in
+            bytes or as a string; a child that announces more is killed. Default: no limit
+            with ``"pickle"``, 256 MiB with any other codec.
     """
 
     limiter: anyio.CapacityLimiter | None
@@ -48,6 +57,8 @@ class CallOptions(TypedDict, total=False):
     stdout: Output
     stderr: Output
     max_output: int | str
+    codec: CodecName | Codec
+    max_result_size: int | str | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -63,6 +74,16 @@ class Options:
     stdout: Output = "inherit"
     stderr: Output = "inherit"
     max_output: int = 1 << 20
+    codec: Codec = PICKLE
+    max_result_size: int | None = None
+
+    @property
+    def result_limit(self) -> int | None:
+        """The largest payload to accept: the option, else a bound for codecs other than
+        pickle (whose children may not be trusted)."""
+        if self.max_result_size is not None or self.codec is PICKLE:
+            return self.max_result_size
+        return _SAFE_RESULT_LIMIT
 
     def merge(self, overrides: CallOptions) -> Options:
         """These options with ``overrides`` checked and applied; raises before any fork."""
@@ -86,6 +107,10 @@ class Options:
             o["memory_limit"] = parse_size("memory_limit", o["memory_limit"])
         if "max_output" in o:
             o["max_output"] = parse_size("max_output", o["max_output"])
+        if o.get("max_result_size") is not None:
+            o["max_result_size"] = parse_size("max_result_size", o["max_result_size"])
+        if "codec" in o:
+            o["codec"] = resolve_codec(o["codec"])
         if "kill_descendants" in o and not isinstance(o["kill_descendants"], bool):
             raise TypeError("kill_descendants must be True or False")
         for name in ("stdout", "stderr"):
@@ -99,6 +124,7 @@ DEFAULTS: Final = Options()
 # What rlimits can hold (they are 64-bit counts), with room to add what the child inherited.
 _MAX_SIZE: Final = 1 << 60
 _MAX_CPU: Final = 1e9  # seconds: about 30 years
+_SAFE_RESULT_LIMIT: Final = 256 << 20
 
 _UNITS: Final = {
     "": 1,

@@ -4,7 +4,7 @@ A frame is a fixed header followed by a payload::
 
     magic (4 bytes) | version (1) | kind (1) | reserved (2) | payload length (8, big-endian)
 
-``RESULT`` carries the return value pickled with cloudpickle. ``ERROR`` carries a plain-data
+``RESULT`` carries the return value encoded by the call's codec (cloudpickle by default). ``ERROR`` carries a plain-data
 description of what went wrong in the child (see `encode_error`), with the exception itself
 pickled inside it when that was possible. A call sends exactly one of them and exits. A stream
 (`isolated_iter`) sends an ``ITEM`` frame per item, then ``END`` or ``ERROR``. The last frame
@@ -25,6 +25,7 @@ from typing import Final
 
 import cloudpickle
 
+from ._codec import PICKLE, Codec, load_plain
 from ._errors import IsolationError, RemoteError, RemoteTraceback
 
 MAGIC: Final = b"AISO"
@@ -48,15 +49,15 @@ _SETUP_FAILED: Final = "setup-failed"  # the child failed before it could run th
 _CHUNK: Final = 1 << 20
 
 
-def encode_result(value: object) -> list[bytes]:
+def encode_result(value: object, codec: Codec) -> list[bytes]:
     """The frame for a return value, as buffers to write in order (no copy of the payload)."""
-    payload = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = codec.dumps(value)
     return [HEADER.pack(MAGIC, VERSION, RESULT, len(payload)), payload]
 
 
-def encode_item(value: object) -> list[bytes]:
+def encode_item(value: object, codec: Codec) -> list[bytes]:
     """The frame for one item of a streamed generator."""
-    payload = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = codec.dumps(value)
     return [HEADER.pack(MAGIC, VERSION, ITEM, len(payload)), payload]
 
 
@@ -71,9 +72,13 @@ def encode_stats(resident_at_start: int) -> list[bytes]:
     return [HEADER.pack(MAGIC, VERSION, STATS, len(payload)), payload]
 
 
-def encode_error(exc: BaseException) -> list[bytes]:
-    """The frame for an exception that the function raised in the child."""
-    if isinstance(exc, Exception):
+def encode_error(exc: BaseException, codec: Codec) -> list[bytes]:
+    """The frame for an exception that the function raised in the child.
+
+    The exception itself travels only with the pickle codec; with any other, its type name,
+    message and traceback do (the parent raises `RemoteError`).
+    """
+    if isinstance(exc, Exception) and codec is PICKLE:
         try:
             pickled: bytes | None = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:
@@ -104,27 +109,35 @@ def _error_frame(
     return [HEADER.pack(MAGIC, VERSION, ERROR, len(payload)), payload]
 
 
-def decode(kind: int, payload: bytes | bytearray) -> object:
+def decode(kind: int, payload: bytes | bytearray, codec: Codec) -> object:
     """The value a frame carries, or raise what it describes."""
     if kind in (RESULT, ITEM):
         try:
-            return pickle.loads(payload)
+            return codec.loads(payload)
+        except IsolationError:
+            raise
         except Exception as exc:
             raise IsolationError(
-                f"the child's result could not be unpickled in the parent: {exc!r}"
+                f"the child's result could not be decoded in the parent: {exc!r}"
             ) from exc
-    what, type_name, message, tb_text, pickled = pickle.loads(payload)
+    try:
+        # Plain data by construction; loaded so that nothing else can be, whatever the codec.
+        what, type_name, message, tb_text, pickled = load_plain(payload)
+        if not all(isinstance(x, str) for x in (what, type_name, message, tb_text)):
+            raise TypeError("not an error description")
+    except (IsolationError, Exception) as exc:
+        raise IsolationError(f"the child sent a malformed error description: {exc!r}") from exc
     cause = RemoteTraceback(tb_text)
     if what == _UNPICKLABLE_RESULT:
         raise IsolationError(
-            f"the function returned a {type_name}, which could not be pickled to send it to the "
+            f"the function returned a {type_name}, which could not be encoded to send it to the "
             f"parent ({message}); return plain data instead"
         ) from cause
     if what == _SETUP_FAILED:
         raise IsolationError(
             f"the child failed to set itself up before running the function: {type_name}: {message}"
         ) from cause
-    if what == _RAISED and pickled is not None:
+    if what == _RAISED and pickled is not None and codec is PICKLE:
         try:
             original = pickle.loads(pickled)
         except Exception:
@@ -158,6 +171,7 @@ class FrameReader:
     received: int = 0
     eof: bool = False
     resident_at_start: int | None = None  # from the child's STATS frame
+    max_size: int | None = None  # the largest payload accepted (max_result_size)
 
     @property
     def complete(self) -> bool:
@@ -213,7 +227,18 @@ class FrameReader:
                 f"the child wrote data that is not a result frame to the result pipe "
                 f"(header {bytes(self.header)!r})"
             )
-        self.payload = bytearray(length)
+        if self.max_size is not None and length > self.max_size:
+            raise IsolationError(
+                f"the child announced {length} bytes of result, more than "
+                f"max_result_size={self.max_size}; raise the limit if that is expected"
+            )
+        try:
+            self.payload = bytearray(length)
+        except MemoryError:
+            raise IsolationError(
+                f"the child announced {length} bytes of result, more than the parent can "
+                "hold; set max_result_size= to refuse such results early"
+            ) from None
         self.filled = 0
 
 

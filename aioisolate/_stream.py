@@ -133,8 +133,9 @@ async def _items(
                 if not more or child.reader.kind != _protocol.ITEM:
                     break  # EOF (a crash), END or ERROR: the child is about to exit
                 payload = child.reader.payload
+                assert payload is not None
                 child.reader.reset()
-                yield _protocol.decode(_protocol.ITEM, payload)  # type: ignore[arg-type]
+                yield _protocol.decode(_protocol.ITEM, payload, options.codec)
             if not child.reaped:
                 with anyio.move_on_at(deadline):
                     await child.collect()

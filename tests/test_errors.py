@@ -87,7 +87,7 @@ async def test_exception_that_cannot_be_pickled_becomes_remote_error() -> None:
 
 
 async def test_unpicklable_result_names_its_type() -> None:
-    with pytest.raises(IsolationError, match=r"_thread\.lock.*could not be pickled"):
+    with pytest.raises(IsolationError, match=r"_thread\.lock.*could not be encoded"):
         await isolated(threading.Lock)
 
 
