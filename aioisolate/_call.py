@@ -140,6 +140,7 @@ def _spawn(
                 stderr=_output_target(options.stderr, pipes.get("stderr")),
                 stream=stream,
                 codec=options.codec,
+                sandbox=options.sandbox,
             )
             started = time.monotonic()
             try:

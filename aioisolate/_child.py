@@ -24,8 +24,9 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, NoReturn
 
-from . import _limits, _platform, _protocol
+from . import _limits, _platform, _protocol, _sandbox
 from ._codec import PICKLE, Codec
+from ._sandbox import Sandbox
 
 LoopKind = Literal["asyncio", "uvloop", "trio"]
 
@@ -54,14 +55,14 @@ class Plan:
     stderr: int = INHERIT
     stream: bool = False  # func is a generator function: send its items as they come
     codec: Codec = PICKLE
+    sandbox: Sandbox = Sandbox()
 
 
 def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn:
     code = EXIT_INTERNAL
     try:
         try:
-            _become_fresh_process(plan)
-            resident_at_start, _ = _platform.resident_memory()
+            resident_at_start = _become_fresh_process(plan)
         except Exception as exc:
             frame = _protocol.encode_setup_error(exc)
         else:
@@ -78,7 +79,8 @@ def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn
         os._exit(code)
 
 
-def _become_fresh_process(plan: Plan) -> None:
+def _become_fresh_process(plan: Plan) -> int:
+    """Set the child up; return its resident memory at the end of it, in bytes."""
     # Our own group: Ctrl-C at the terminal reaches only the parent (which then cancels and
     # kills us), and one killpg() reaches everything we start.
     os.setpgid(0, 0)
@@ -117,6 +119,10 @@ def _become_fresh_process(plan: Plan) -> None:
 
     _forget_event_loops()
     _limits.apply_in_child(plan.memory_limit, plan.cpu_limit)
+    # Measured before the sandbox, which may leave no fd free to read /proc with.
+    resident_at_start, _ = _platform.resident_memory()
+    if plan.sandbox.active:
+        _sandbox.apply(plan.sandbox, keep_fds={plan.write_fd})
     if plan.stderr >= 0:
         # stderr is captured: a crash then reports the Python line it happened on.
         # If the parent had it enabled, enable() alone would see it "already enabled" and not
@@ -126,6 +132,7 @@ def _become_fresh_process(plan: Plan) -> None:
     # Everything inherited is long-lived: moving it out of the collector's reach means a GC
     # pass in the child does not write to (and so copy) every page of the parent's heap.
     gc.freeze()
+    return resident_at_start
 
 
 def _rebind_stream(fd: int) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
-from typing import Final, Literal, TypedDict
+from collections.abc import Iterable, Mapping
+from typing import Any, Final, Literal, TypedDict
 
 import anyio
 
 from ._codec import PICKLE, Codec, CodecName
 from ._codec import resolve as resolve_codec
+from ._sandbox import Sandbox, resolve_group, resolve_user
 
 Output = Literal["inherit", "discard", "capture"]
 _OUTPUTS: Final = ("inherit", "discard", "capture")
@@ -46,6 +49,24 @@ class CallOptions(TypedDict, total=False):
         max_result_size: the largest result (each item, for a stream) the parent accepts, in
             bytes or as a string; a child that announces more is killed. Default: no limit
             with ``"pickle"``, 256 MiB with any other codec.
+
+    Sandbox options, all off by default (see docs/security.md for what each protects):
+
+    Attributes:
+        close_fds: close every fd the child inherited except stdin, stdout, stderr and
+            ``pass_fds``.
+        pass_fds: fds to keep open with ``close_fds``.
+        no_new_privs: set ``PR_SET_NO_NEW_PRIVS``: programs the child executes gain no
+            privileges from setuid bits or file capabilities.
+        max_processes: ``RLIMIT_NPROC`` (processes of the child's user; root is exempt).
+        max_open_files: ``RLIMIT_NOFILE``.
+        max_file_size: ``RLIMIT_FSIZE``, bytes or a string: the largest file it may write.
+        cwd: the child's working directory.
+        env: the child's whole environment (``{}`` for none).
+        user: a user name or uid to switch to (the parent must run as root).
+        group: a group name or gid to switch to (default: the user's group).
+        network: False puts the child in a network namespace of its own, with no interface
+            up: no network at all, loopback included.
     """
 
     limiter: anyio.CapacityLimiter | None
@@ -59,6 +80,17 @@ class CallOptions(TypedDict, total=False):
     max_output: int | str
     codec: CodecName | Codec
     max_result_size: int | str | None
+    close_fds: bool
+    pass_fds: Iterable[int]
+    no_new_privs: bool
+    max_processes: int | None
+    max_open_files: int | None
+    max_file_size: int | str | None
+    cwd: str | os.PathLike[str] | None
+    env: Mapping[str, str] | None
+    user: int | str | None
+    group: int | str | None
+    network: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,6 +108,7 @@ class Options:
     max_output: int = 1 << 20
     codec: Codec = PICKLE
     max_result_size: int | None = None
+    sandbox: Sandbox = Sandbox()
 
     @property
     def result_limit(self) -> int | None:
@@ -111,6 +144,9 @@ class Options:
             o["max_result_size"] = parse_size("max_result_size", o["max_result_size"])
         if "codec" in o:
             o["codec"] = resolve_codec(o["codec"])
+        sandbox: dict[str, Any] = {name: o.pop(name) for name in _SANDBOX_OPTIONS if name in o}
+        if sandbox:
+            o["sandbox"] = _check_sandbox(self.sandbox, sandbox)
         if "kill_descendants" in o and not isinstance(o["kill_descendants"], bool):
             raise TypeError("kill_descendants must be True or False")
         for name in ("stdout", "stderr"):
@@ -177,6 +213,60 @@ def _positive_seconds(
     if value > most:
         raise ValueError(f"{name}={value} is more than the system can enforce ({most:g})")
     return float(value)
+
+
+_SANDBOX_OPTIONS: Final = (
+    "close_fds",
+    "pass_fds",
+    "no_new_privs",
+    "max_processes",
+    "max_open_files",
+    "max_file_size",
+    "cwd",
+    "env",
+    "user",
+    "group",
+    "network",
+)
+
+
+def _check_sandbox(current: Sandbox, given: dict[str, Any]) -> Sandbox:
+    changes: dict[str, Any] = {}
+    for name in ("close_fds", "no_new_privs", "network"):
+        if name in given:
+            if not isinstance(given[name], bool):
+                raise TypeError(f"{name} must be True or False")
+            changes[name] = given[name]
+    if "pass_fds" in given:
+        fds = tuple(given["pass_fds"])
+        if not all(isinstance(fd, int) and not isinstance(fd, bool) and fd >= 0 for fd in fds):
+            raise TypeError("pass_fds must be file descriptor numbers")
+        changes["pass_fds"] = fds
+    for name in ("max_processes", "max_open_files"):
+        if given.get(name) is not None:
+            value = given[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive whole number, not {value!r}")
+            changes[name] = value
+    if given.get("max_file_size") is not None:
+        changes["max_file_size"] = parse_size("max_file_size", given["max_file_size"])
+    if given.get("cwd") is not None:
+        cwd = os.fspath(given["cwd"])
+        if not os.path.isdir(cwd):
+            raise ValueError(f"cwd={cwd!r} is not a directory")
+        changes["cwd"] = cwd
+    if given.get("env") is not None:
+        env = dict(given["env"])
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise TypeError("env must map strings to strings")
+        changes["env"] = env
+    if given.get("user") is not None:
+        changes["uid"] = resolve_user(given["user"])
+    if given.get("group") is not None:
+        changes["gid"] = resolve_group(given["group"])
+    if ("uid" in changes or "gid" in changes) and os.geteuid() != 0:
+        raise ValueError("user= and group= switch to another user, which needs root")
+    return dataclasses.replace(current, **changes)
 
 
 def _check_limiter(limiter: object) -> None:

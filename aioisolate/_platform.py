@@ -17,6 +17,7 @@ one; the test suite runs the core tests through both.
 
 from __future__ import annotations
 
+import errno
 import functools
 import math
 import os
@@ -196,10 +197,25 @@ if sys.platform == "linux":
 
     _libc = ctypes.CDLL(None, use_errno=True)
     _PR_SET_PDEATHSIG: Final = 1
+    _PR_SET_NO_NEW_PRIVS: Final = 38
+    _CLONE_NEWNET: Final = 0x40000000
 
     def die_with_parent() -> None:
         """In the child: have the kernel SIGKILL us when the thread that forked us exits."""
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def set_no_new_privs() -> None:
+        """In the child: execve can no longer grant privileges (setuid bits, file caps)."""
+        _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+
+    def unshare_network() -> None:
+        """In the child: move to a new network namespace, with only a loopback that is down."""
+        _check(_libc.unshare(_CLONE_NEWNET))
+
+    def _check(result: int) -> None:
+        if result != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
 
 else:
     import psutil
@@ -214,3 +230,9 @@ else:
     def die_with_parent() -> None:
         # No equivalent: the child notices a dead parent only when writing its result fails.
         pass
+
+    def set_no_new_privs() -> None:
+        raise OSError(errno.ENOSYS, "no_new_privs is Linux-only")
+
+    def unshare_network() -> None:
+        raise OSError(errno.ENOSYS, "network namespaces are Linux-only")
