@@ -111,7 +111,6 @@ def _spawn(
     loop_kind = _loop_kind()
     parent_pid = os.getpid()
     _flush_parent_stdio()
-    _, anonymous_at_fork = _platform.resident_memory()
     pid = -1
     opened: list[int] = []  # fds of ours not yet handed to a _Child, closed if anything fails
     watcher: _platform.ChildWatcher | None = None
@@ -124,6 +123,7 @@ def _spawn(
                     opened.extend(pipes[name])
                     _library_fds.update(pipes[name])
             write_ends = [w for _, w in pipes.values()]
+            _, anonymous_at_fork = _platform.resident_memory()
             # Blocked across fork: a signal arriving in the child before it resets the
             # handlers would run the parent's (and wake the parent's loop through its wakeup fd).
             sigmask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())

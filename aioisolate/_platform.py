@@ -18,7 +18,6 @@ one; the test suite runs the core tests through both.
 from __future__ import annotations
 
 import errno
-import functools
 import math
 import os
 import resource
@@ -131,22 +130,36 @@ def _watcher_threads() -> anyio.CapacityLimiter:
         return limiter
 
 
-@functools.cache
+_pidfd_verdict: bool | None = None
+
+
 def pidfd_works() -> bool:
-    """Whether this kernel, and any seccomp filter, let us open and signal pidfds."""
+    """Whether this kernel, and any seccomp filter, let us open and signal pidfds.
+
+    Probed once; a probe that fails for want of fds or memory says nothing and is not kept.
+    """
+    global _pidfd_verdict
+    if _pidfd_verdict is not None:
+        return _pidfd_verdict
     if not hasattr(os, "pidfd_open") or not hasattr(signal, "pidfd_send_signal"):
+        _pidfd_verdict = False
         return False
     try:
         fd = os.pidfd_open(os.getpid())
-    except OSError:
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            return True  # unknown yet; watch() falls back to a thread if opening one fails
+        _pidfd_verdict = False
         return False
     try:
         signal.pidfd_send_signal(fd, 0)
     except OSError:
-        return False
+        _pidfd_verdict = False
+    else:
+        _pidfd_verdict = True
     finally:
         os.close(fd)
-    return True
+    return _pidfd_verdict
 
 
 def select_watcher() -> Mechanism:
