@@ -163,9 +163,7 @@ def _spawn(
                 os.setpgid(pid, pid)
             except OSError:
                 pass
-            watcher = _platform.watch(pid, mechanism)
-            if isinstance(watcher, _platform.PidfdWatcher):
-                _library_fds.add(watcher.pidfd)
+            watcher = _platform.watch(pid, mechanism, _library_fds)
             for fd in opened:
                 os.set_blocking(fd, False)
             return _Child(
@@ -183,7 +181,7 @@ def _spawn(
             )
         except BaseException as exc:
             _undo_spawn(pid, opened, watcher)
-            if pid == -1 and isinstance(exc, OSError):
+            if isinstance(exc, OSError):
                 raise _cannot_start(exc) from exc
             raise
 
@@ -206,8 +204,6 @@ def _undo_spawn(pid: int, opened: list[int], watcher: _platform.ChildWatcher | N
                 pass
         _platform.reap(pid, block=True)
     if watcher is not None:
-        if isinstance(watcher, _platform.PidfdWatcher):
-            _library_fds.discard(watcher.pidfd)
         watcher.close()
     for fd in opened:
         _close(fd)
@@ -253,6 +249,7 @@ class _Child:
         )
         self.protocol_error: IsolationError | None = None
         self.timed_out = False
+        self.exited = False  # seen to exit by a stream's wait, not yet reaped
         self.memory_seen: int | None = None  # set when the watchdog killed the child
 
     async def collect(self) -> None:
@@ -269,27 +266,46 @@ class _Child:
         for tail in self.outputs.values():
             tail.read_available()
 
+    def frame_ready(self) -> bool:
+        """Read what the pipe holds now; True if that settles the next frame (it is complete,
+        the stream ended, or it was refused) without waiting."""
+        self._read_available()
+        if not (self.reader.complete or self.reader.eof or self.protocol_error):
+            if not self.exited:
+                return False
+            # The child is gone and everything it wrote was in the pipe: it ends here.
+            self.reader.eof = True
+        return True
+
     async def next_frame(self) -> bool:
         """Wait for the next frame of a stream: True once one is complete, False at EOF.
 
-        The captured output and the memory watchdog are served while it waits (between two
-        waits the child can be paused on a full pipe, never harmed).
+        Captured output, the memory watchdog and the child's exit are served while it waits
+        (between two waits the child may be paused on a full pipe, never harmed).
         """
-        self._read_available()
-        if self.reader.complete or self.reader.eof or self.protocol_error:
-            # Already in the pipe: no need to wait, but let other tasks run (and a
-            # cancellation in), as any await should.
+        if self.frame_ready():
+            # Let other tasks run (and a cancellation in), as any await should.
             await anyio.lowlevel.checkpoint()
-        elif self.outputs or self.options.memory_limit is not None:
+        else:
             async with _task_group() as tg:
                 self._serve(tg)
+                tg.start_soon(self._notice_exit, tg.cancel_scope)
                 await self._read()
                 tg.cancel_scope.cancel()
-        else:
-            await self._read()
+            self.frame_ready()
         if self.protocol_error is not None:
             raise self.protocol_error
         return self.reader.complete
+
+    async def _notice_exit(self, waiting: anyio.CancelScope) -> None:
+        # A descendant still holding the pipe would keep EOF from coming: once the child has
+        # exited, its group goes (while it is a zombie, the group id is still its own), and
+        # what is left in the pipe is all there will be.
+        await self.watcher.wait_exited()
+        self.exited = True
+        if self.options.kill_descendants:
+            self._signal_group(signal.SIGKILL)
+        waiting.cancel()
 
     def _serve(self, tg: anyio.abc.TaskGroup) -> None:
         """Start what runs beside the reader: output drains and the memory watchdog."""
@@ -423,8 +439,6 @@ class _Child:
         for fd in [self.reader.fd, *(tail.fd for tail in self.outputs.values())]:
             anyio.notify_closing(fd)
             _close(fd)
-        if isinstance(self.watcher, _platform.PidfdWatcher):
-            _library_fds.discard(self.watcher.pidfd)
         self.watcher.close()
 
     def report(self) -> CallReport:

@@ -6,9 +6,10 @@ Two ways to watch a child, chosen in `select_watcher` (the one dispatch point):
 * ``pidfd`` (Linux 5.3+): a file descriptor for the process, readable once it has exited. The
   event loop waits on it like on a socket, and signals go through it, so they can never reach
   another process that later reused the pid.
-* ``thread`` (elsewhere, or where seccomp forbids pidfds): a worker thread blocks in
-  ``waitid(P_PID, pid, WEXITED | WNOWAIT)``. Signals go through ``os.kill``, which is safe
-  because only the caller reaps the child, and only after the watcher has seen it exit.
+* ``thread`` (elsewhere, or where seccomp forbids pidfds): a thread blocks in
+  ``waitid(P_PID, pid, WEXITED | WNOWAIT)`` and then writes to a pipe the loop waits on.
+  Signals go through ``os.kill``, which is safe because only the caller reaps the child, and
+  only after the watcher has seen it exit.
 
 Neither ever calls ``waitpid(-1)``: other libraries' children (asyncio subprocesses, for one)
 are theirs to reap. The environment variable ``AIOISOLATE_CHILD_WATCHER=pidfd|thread`` forces
@@ -18,16 +19,14 @@ one; the test suite runs the core tests through both.
 from __future__ import annotations
 
 import errno
-import math
 import os
 import resource
 import signal
 import sys
+import threading
 from typing import Final, Literal, Protocol
 
 import anyio
-import anyio.lowlevel
-import anyio.to_thread
 
 Mechanism = Literal["pidfd", "thread"]
 
@@ -66,9 +65,10 @@ def reap(pid: int, *, block: bool = False) -> tuple[int, resource.struct_rusage]
 
 
 class PidfdWatcher:
-    def __init__(self, pid: int, pidfd: int) -> None:
+    def __init__(self, pid: int, pidfd: int, registry: set[int]) -> None:
         self.pid = pid
         self.pidfd = pidfd
+        self._registry = registry
 
     async def wait_exited(self) -> None:
         await anyio.wait_readable(self.pidfd)
@@ -81,18 +81,25 @@ class PidfdWatcher:
 
     def close(self) -> None:
         anyio.notify_closing(self.pidfd)
+        self._registry.discard(self.pidfd)
         os.close(self.pidfd)
 
 
 class ThreadWatcher:
-    def __init__(self, pid: int) -> None:
+    """A thread blocks in waitid() on the child and, when it has exited, writes a byte to a
+    pipe whose read end the event loop waits on: one thread per child, however often the
+    caller waits."""
+
+    def __init__(self, pid: int, registry: set[int]) -> None:
         self.pid = pid
+        self.fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        # Registered so that children forked meanwhile close them (see _call._library_fds).
+        registry.update((self.fd, write_fd))
+        self._registry = registry
+        threading.Thread(target=_signal_exit, args=(pid, write_fd, registry), daemon=True).start()
 
     async def wait_exited(self) -> None:
-        # Abandoned on cancel: the thread returns by itself once the caller has killed the child.
-        await anyio.to_thread.run_sync(
-            _block_until_exited, self.pid, abandon_on_cancel=True, limiter=_watcher_threads()
-        )
+        await anyio.wait_readable(self.fd)
 
     def send_signal(self, sig: int) -> None:
         try:
@@ -103,31 +110,25 @@ class ThreadWatcher:
             pass
 
     def close(self) -> None:
-        pass
+        anyio.notify_closing(self.fd)
+        self._registry.discard(self.fd)
+        os.close(self.fd)
 
 
-def _block_until_exited(pid: int) -> None:
+def _signal_exit(pid: int, write_fd: int, registry: set[int]) -> None:
     try:
         # WNOWAIT leaves the child a zombie, so its pid (and process group id) stay reserved
         # until the caller reaps it.
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     except ChildProcessError:
         pass  # reaped by someone else: it has exited all the same
-
-
-# One blocked thread per running child; the calls' own limiter bounds how many there are.
-_watcher_limiter: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
-    "aioisolate.watcher_limiter"
-)
-
-
-def _watcher_threads() -> anyio.CapacityLimiter:
-    try:
-        return _watcher_limiter.get()
-    except LookupError:
-        limiter = anyio.CapacityLimiter(math.inf)
-        _watcher_limiter.set(limiter)
-        return limiter
+    finally:
+        try:
+            os.write(write_fd, b"x")
+        except OSError:
+            pass  # the parent closed its end already (Python ignores SIGPIPE)
+        registry.discard(write_fd)
+        os.close(write_fd)
 
 
 _pidfd_verdict: bool | None = None
@@ -179,14 +180,14 @@ def select_watcher() -> Mechanism:
     return "thread"
 
 
-def watch(pid: int, mechanism: Mechanism) -> ChildWatcher:
-    """A watcher for a child just forked; never fails, so no child goes unwatched."""
+def watch(pid: int, mechanism: Mechanism, registry: set[int]) -> ChildWatcher:
+    """A watcher for a child just forked. Raises OSError (out of fds, say) if none can be
+    made; the caller then kills and reaps the child without one."""
     if mechanism == "pidfd":
-        try:
-            return PidfdWatcher(pid, os.pidfd_open(pid))
-        except OSError:
-            pass  # out of fds, say: the thread watcher needs none
-    return ThreadWatcher(pid)
+        pidfd = os.pidfd_open(pid)
+        registry.add(pidfd)
+        return PidfdWatcher(pid, pidfd, registry)
+    return ThreadWatcher(pid, registry)
 
 
 if sys.platform == "linux":

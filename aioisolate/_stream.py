@@ -124,24 +124,27 @@ async def _items(
         deadline = anyio.current_time() + (math.inf if options.timeout is None else options.timeout)
         try:
             while True:
-                with anyio.move_on_at(deadline) as waiting:
-                    more = await child.next_frame()
-                if waiting.cancelled_caught:
-                    child.timed_out = True
-                    await child.kill_and_reap()
+                if not child.frame_ready():
+                    with anyio.move_on_at(deadline) as waiting:
+                        await child.next_frame()
+                    if waiting.cancelled_caught and not child.frame_ready():
+                        child.timed_out = True
+                        await child.kill_and_reap()
+                        break
+                else:
+                    # Already in the pipe: no deadline applies to what the child has done.
+                    await anyio.lowlevel.checkpoint()
+                if child.protocol_error is not None:
                     break
-                if not more or child.reader.kind != _protocol.ITEM:
+                if not child.reader.complete or child.reader.kind != _protocol.ITEM:
                     break  # EOF (a crash), END or ERROR: the child is about to exit
                 payload = child.reader.payload
                 assert payload is not None
                 child.reader.reset()
                 yield _protocol.decode(_protocol.ITEM, payload, options.codec)
             if not child.reaped:
-                with anyio.move_on_at(deadline):
-                    await child.collect()
-            if not child.reaped:
-                child.timed_out = True
-                await child.kill_and_reap()
+                # It has ended its stream (or died): no deadline for the last few steps.
+                await child.collect()
         except BaseException:
             # The consumer stopped early (GeneratorExit from aclose), was cancelled, or failed.
             await child.kill_and_reap()

@@ -12,9 +12,10 @@ import threading
 from collections.abc import Iterator
 
 import anyio
+import psutil
 import pytest
 
-from aioisolate import ChildCrashed, _platform, isolated
+from aioisolate import ChildCrashed, IsolationError, _platform, isolated
 
 pytestmark = pytest.mark.anyio
 
@@ -24,8 +25,10 @@ def watchers_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     used: list[str] = []
     real_watch = _platform.watch
 
-    def watch(pid: int, mechanism: _platform.Mechanism) -> _platform.ChildWatcher:
-        watcher = real_watch(pid, mechanism)
+    def watch(
+        pid: int, mechanism: _platform.Mechanism, registry: set[int]
+    ) -> _platform.ChildWatcher:
+        watcher = real_watch(pid, mechanism, registry)
         used.append(type(watcher).__name__)
         return watcher
 
@@ -47,17 +50,28 @@ async def test_thread_watcher_when_pidfds_are_not_allowed(
     assert watchers_used == ["ThreadWatcher"]
 
 
-async def test_thread_watcher_when_pidfd_open_fails_after_fork(
+async def test_pidfd_open_failing_after_fork_kills_and_reaps_the_child(
     monkeypatch: pytest.MonkeyPatch, watchers_used: list[str]
 ) -> None:
     monkeypatch.delenv(_platform.ENV_VAR)
+    forked = []
+    real_fork = os.fork
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:
+            forked.append(psutil.Process(pid))
+        return pid
 
     def out_of_fds(pid: int) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
 
+    monkeypatch.setattr(os, "fork", fork)
     monkeypatch.setattr(os, "pidfd_open", out_of_fds)
-    assert await isolated(pow, 2, 5) == 32
-    assert watchers_used == ["ThreadWatcher"]
+    with pytest.raises(IsolationError, match="could not start a child.*Too many open files"):
+        await isolated(pow, 2, 5)
+    assert watchers_used == []
+    assert not forked[0].is_running()  # killed and reaped without a watcher
 
 
 async def test_bad_watcher_setting_fails_before_fork(

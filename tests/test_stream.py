@@ -225,3 +225,31 @@ async def test_captured_output_while_streaming() -> None:
     assert [i async for i in items] == list(range(100))
     assert items.report is not None
     assert items.report.stdout == b"x" * 99 + b"\n"
+
+
+def crash_leaving_a_grandchild() -> Iterator[int]:
+    yield 1
+    if os.fork() == 0:  # holds the pipe open, so no EOF will come
+        time.sleep(600)
+        os._exit(0)
+    os._exit(3)
+
+
+async def test_a_crash_is_seen_even_while_a_grandchild_holds_the_pipe() -> None:
+    received: list[object] = []
+    with anyio.fail_after(10), pytest.raises(ChildCrashed) as info:
+        await receive_into(isolated_iter(crash_leaving_a_grandchild), received)
+    assert received == [1]
+    assert info.value.exitcode == 3
+
+
+async def test_a_slow_consumer_does_not_time_out_a_finished_child() -> None:
+    # The child is done in an instant; the consumer takes longer than the timeout.
+    items = isolated_iter(count, 3, timeout=0.5)
+    received = []
+    async for item in items:
+        received.append(item)
+        await anyio.sleep(0.4)
+    assert received == [0, 1, 2]
+    assert items.report is not None
+    assert items.report.exitcode == 0
