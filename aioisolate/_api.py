@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
@@ -159,7 +159,7 @@ def isolated_map(
     inputs: Iterable[A] | AsyncIterable[A],
     *,
     ordered: bool = True,
-    return_exceptions: bool = False,
+    return_exceptions: Literal[False] = False,
     on_progress: Callable[[MapProgress], object] | None = None,
     **options: Unpack[CallOptions],
 ) -> MapResults[T]: ...
@@ -171,10 +171,34 @@ def isolated_map(
     inputs: Iterable[A] | AsyncIterable[A],
     *,
     ordered: bool = True,
-    return_exceptions: bool = False,
+    return_exceptions: Literal[False] = False,
     on_progress: Callable[[MapProgress], object] | None = None,
     **options: Unpack[CallOptions],
 ) -> MapResults[T]: ...
+
+
+@overload
+def isolated_map(
+    func: Callable[[A], Awaitable[T]],
+    inputs: Iterable[A] | AsyncIterable[A],
+    *,
+    ordered: bool = True,
+    return_exceptions: Literal[True],
+    on_progress: Callable[[MapProgress], object] | None = None,
+    **options: Unpack[CallOptions],
+) -> MapResults[T | Exception]: ...
+
+
+@overload
+def isolated_map(
+    func: Callable[[A], T],
+    inputs: Iterable[A] | AsyncIterable[A],
+    *,
+    ordered: bool = True,
+    return_exceptions: Literal[True],
+    on_progress: Callable[[MapProgress], object] | None = None,
+    **options: Unpack[CallOptions],
+) -> MapResults[T | Exception]: ...
 
 
 def isolated_map(
@@ -326,7 +350,7 @@ class Isolator:
         inputs: Iterable[A] | AsyncIterable[A],
         *,
         ordered: bool = True,
-        return_exceptions: bool = False,
+        return_exceptions: Literal[False] = False,
         on_progress: Callable[[MapProgress], object] | None = None,
         **options: Unpack[CallOptions],
     ) -> MapResults[T]: ...
@@ -338,10 +362,34 @@ class Isolator:
         inputs: Iterable[A] | AsyncIterable[A],
         *,
         ordered: bool = True,
-        return_exceptions: bool = False,
+        return_exceptions: Literal[False] = False,
         on_progress: Callable[[MapProgress], object] | None = None,
         **options: Unpack[CallOptions],
     ) -> MapResults[T]: ...
+
+    @overload
+    def map(
+        self,
+        func: Callable[[A], Awaitable[T]],
+        inputs: Iterable[A] | AsyncIterable[A],
+        *,
+        ordered: bool = True,
+        return_exceptions: Literal[True],
+        on_progress: Callable[[MapProgress], object] | None = None,
+        **options: Unpack[CallOptions],
+    ) -> MapResults[T | Exception]: ...
+
+    @overload
+    def map(
+        self,
+        func: Callable[[A], T],
+        inputs: Iterable[A] | AsyncIterable[A],
+        *,
+        ordered: bool = True,
+        return_exceptions: Literal[True],
+        on_progress: Callable[[MapProgress], object] | None = None,
+        **options: Unpack[CallOptions],
+    ) -> MapResults[T | Exception]: ...
 
     def map(
         self,

@@ -77,10 +77,15 @@ class MapResults(AsyncIterator[T], Generic[T]):
         self._on_progress = on_progress
         self._limiter = limiter
         self._tg: anyio.abc.TaskGroup | None = None
+        # The calls run in a scope of their own inside the task group, whose scope also holds
+        # the caller's block: stopping the calls must not cancel what the caller does next.
+        self._work = anyio.CancelScope()
         self._pending: dict[int, _Outcome] = {}
         self._next = 0
         self._delivered = 0
-        self._total: int | None = len(inputs) if hasattr(inputs, "__len__") else None  # type: ignore[arg-type]
+        self._expected: int | None = None  # how many calls were started, once all were
+        self._input_error: Exception | None = None
+        self._size_hint = _size_hint(inputs)
         self._done = self._failed = self._running = 0
         self._closed = False
 
@@ -95,7 +100,7 @@ class MapResults(AsyncIterator[T], Generic[T]):
         self._send, self._receive = anyio.create_memory_object_stream[_Outcome](math.inf)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._tg.start_soon(self._feed)
+        self._tg.start_soon(self._run_calls)
         return self
 
     async def __aexit__(
@@ -105,7 +110,7 @@ class MapResults(AsyncIterator[T], Generic[T]):
         tb: TracebackType | None,
     ) -> bool | None:
         assert self._tg is not None
-        self._tg.cancel_scope.cancel()  # the calls still running are killed and reaped
+        self._work.cancel()  # the calls still running are killed and reaped
         try:
             return await self._tg.__aexit__(exc_type, exc, tb)
         except BaseExceptionGroup as group:
@@ -137,20 +142,18 @@ class MapResults(AsyncIterator[T], Generic[T]):
                 outcome = self._pending.pop(self._next)
                 self._next += 1
                 return self._deliver(outcome)
-            if self._total is not None and self._delivered == self._total:
+            if self._delivered == self._expected:
+                if self._input_error is not None:
+                    # Raised after the results of the inputs it did give.
+                    error, self._input_error = self._input_error, None
+                    raise error
                 raise StopAsyncIteration
-            try:
-                outcome = await self._receive.receive()
-            except anyio.EndOfStream:
-                raise StopAsyncIteration from None
-            if outcome.index < 0:  # the input iterable itself failed
-                assert outcome.error is not None
-                raise outcome.error
+            outcome = await self._receive.receive()
+            if outcome.index < 0:
+                continue  # the feeder's wake-up call: look at the end again
             if outcome.error is not None and not self._return_exceptions:
                 self._delivered += 1
-                self._window.release()
-                assert self._tg is not None
-                self._tg.cancel_scope.cancel()
+                self._work.cancel()
                 raise outcome.error
             if not self._ordered:
                 return self._deliver(outcome)
@@ -164,9 +167,14 @@ class MapResults(AsyncIterator[T], Generic[T]):
         result: T = outcome.value
         return result
 
+    async def _run_calls(self) -> None:
+        with self._work:
+            async with anyio.create_task_group() as calls:
+                self._calls = calls
+                calls.start_soon(self._feed)
+
     async def _feed(self) -> None:
         """Start one call per input, pulling the next input only when the window has room."""
-        assert self._tg is not None
         index = 0
         try:
             if isinstance(self._inputs, AsyncIterable):
@@ -174,21 +182,20 @@ class MapResults(AsyncIterator[T], Generic[T]):
                     await self._start(index, item)
                     index += 1
             else:
+                # Pulled on the event loop's thread: an input that blocks stops the loop, so a
+                # slow source should be an async iterable.
                 for item in self._inputs:
                     await self._start(index, item)
                     index += 1
         except Exception as exc:
-            await self._send.send(_Outcome(-1, error=exc))
-            return
-        self._total = index
+            self._input_error = exc
+        self._expected = index
         self._report()
-        if self._delivered == self._total:
-            self._send.close()  # nothing more will come; wakes a consumer waiting for more
+        await self._send.send(_Outcome(-1))  # wakes a consumer waiting for more
 
     async def _start(self, index: int, item: Any) -> None:
         await self._window.acquire()
-        assert self._tg is not None
-        self._tg.start_soon(self._run_one, index, item)
+        self._calls.start_soon(self._run_one, index, item)
 
     async def _run_one(self, index: int, item: Any) -> None:
         # The limiter is taken here rather than by the call, so that "running" counts the
@@ -213,6 +220,14 @@ class MapResults(AsyncIterator[T], Generic[T]):
         if self._on_progress is None or self._closed:
             return
         self._closed = finished
-        self._on_progress(
-            MapProgress(self._done, self._failed, self._running, self._total, finished)
-        )
+        total = self._expected if self._expected is not None else self._size_hint
+        self._on_progress(MapProgress(self._done, self._failed, self._running, total, finished))
+
+
+def _size_hint(inputs: object) -> int | None:
+    """How many inputs there will be, if the input says (for progress only: a list can still
+    grow while it is iterated, so the end is where iteration stops)."""
+    try:
+        return len(inputs)  # type: ignore[arg-type]
+    except (TypeError, OverflowError):
+        return None

@@ -28,8 +28,8 @@ class tqdm_progress:  # noqa: N801  (used like a function: on_progress=tqdm_prog
     def __call__(self, progress: MapProgress) -> None:
         if progress.total is not None and self.bar.total != progress.total:
             self.bar.total = progress.total
-        self.bar.n = progress.done + progress.failed
         self.bar.set_postfix(failed=progress.failed, running=progress.running, refresh=False)
-        self.bar.refresh()
+        # update() draws at most as often as tqdm's own rate limit allows.
+        self.bar.update(progress.done + progress.failed - self.bar.n)
         if progress.finished:
             self.bar.close()

@@ -42,6 +42,10 @@ class ItemStream(AsyncIterator[T], Generic[T]):
     Without the ``async with``, a stream left early is closed when the event loop finalizes
     it, soon but not at once. An exception raised by the generator is raised after the items
     it yielded before it.
+
+    An open stream holds one token of its limiter (its child is running): isolated calls made
+    from the loop body need a token more, so give them a limiter of their own if the stream's
+    has only one.
     """
 
     def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], options: Options) -> None:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from helpers import Channel, Gate
 
-from aioisolate import Isolator, MapProgress, isolated_map, tqdm_progress
+from aioisolate import IsolationError, Isolator, MapProgress, isolated_map, tqdm_progress
 
 pytestmark = pytest.mark.anyio
 
@@ -205,3 +205,90 @@ async def test_results_need_async_with() -> None:
 async def test_bad_options_fail_at_once() -> None:
     with pytest.raises(ValueError, match="timeout"):
         isolated_map(square, range(3), timeout=-1)
+
+
+async def test_first_error_survives_an_await_in_the_callers_finally() -> None:
+    cleaned = []
+
+    async def run() -> None:
+        async with isolated_map(fail_on_odd, range(4)) as results:
+            try:
+                async for _ in results:
+                    pass
+            finally:
+                await anyio.lowlevel.checkpoint()  # the caller's own cleanup must not be cancelled
+                cleaned.append(True)
+
+    with pytest.raises(ValueError, match="1"):
+        await run()
+    assert cleaned == [True]
+
+
+async def test_an_input_error_comes_after_the_results_of_the_inputs_before_it() -> None:
+    def inputs() -> Iterator[int]:
+        yield from (0, 1, 2)
+        raise LookupError("the input ran dry")
+
+    received: list[object] = []
+
+    async def run() -> None:
+        async with isolated_map(square, inputs(), return_exceptions=True) as results:
+            async for r in results:
+                received.append(r)
+
+    with pytest.raises(LookupError):
+        await run()
+    assert received == [0, 1, 4]
+
+
+async def test_an_input_too_large_for_len() -> None:
+    # len(range(10**19)) overflows: the size is only a hint for progress, never required.
+    async with isolated_map(square, range(10**19)) as results:
+        assert [await anext(results) for _ in range(3)] == [0, 1, 4]
+
+
+async def test_cancelling_the_map_kills_its_children(channel: Channel) -> None:
+    limiter = anyio.CapacityLimiter(3)
+    with anyio.CancelScope() as scope:
+        async with isolated_map(
+            first_fails, [(i + 1, channel) for i in range(3)], limiter=limiter
+        ) as results:
+            children = [psutil.Process(int((await channel.receive())[0])) for _ in range(3)]
+            scope.cancel()
+            async for _ in results:
+                pass
+    assert scope.cancelled_caught
+    assert not any(child.is_running() for child in children)
+
+
+async def test_an_exception_in_the_consumer_kills_the_children(channel: Channel) -> None:
+    limiter = anyio.CapacityLimiter(2)
+    children: list[psutil.Process] = []
+
+    async def run() -> None:
+        async with isolated_map(first_fails, [(i + 1, channel) for i in range(2)], limiter=limiter):
+            children.extend([psutil.Process(int((await channel.receive())[0])) for _ in range(2)])
+            raise KeyError("the consumer failed")
+
+    with pytest.raises(KeyError):
+        await run()
+    assert not any(child.is_running() for child in children)
+
+
+async def test_closing_the_isolator_ends_its_fan_out(channel: Channel) -> None:
+    received: list[object] = []
+    async with anyio.create_task_group() as tg:
+        async with Isolator(limiter=anyio.CapacityLimiter(2)) as iso:
+
+            async def consume() -> None:
+                async with iso.map(
+                    first_fails, [(i + 1, channel) for i in range(2)], return_exceptions=True
+                ) as results:
+                    async for r in results:
+                        received.append(r)
+
+            tg.start_soon(consume)
+            for _ in range(2):
+                await channel.receive()
+    assert len(received) == 2
+    assert all(isinstance(r, IsolationError) and "Isolator was closed" in str(r) for r in received)

@@ -92,3 +92,12 @@ def count_up(n: int) -> Iterator[int]:
 
 async def async_words() -> AsyncIterator[str]:
     yield "word"
+
+
+async def check_map_errors_in_place() -> None:
+    async with isolated_map(square, range(3), return_exceptions=True) as results:
+        async for outcome in results:
+            assert_type(outcome, int | Exception)
+    async with Isolator() as iso, iso.map(greet_once, ["a"], return_exceptions=True) as names:
+        async for name in names:
+            assert_type(name, str | Exception)
