@@ -219,7 +219,7 @@ async def test_first_error_survives_an_await_in_the_callers_finally() -> None:
                 await anyio.lowlevel.checkpoint()  # the caller's own cleanup must not be cancelled
                 cleaned.append(True)
 
-    with pytest.raises(ValueError, match="1"):
+    with pytest.raises(ValueError, match="^[13]$"):  # whichever failed first
         await run()
     assert cleaned == [True]
 
