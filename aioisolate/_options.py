@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import re
+import resource
 from collections.abc import Iterable, Mapping
 from typing import Any, Final, Literal, TypedDict
 
@@ -13,7 +14,7 @@ import anyio
 
 from ._codec import PICKLE, Codec, CodecName
 from ._codec import resolve as resolve_codec
-from ._sandbox import Sandbox, resolve_group, resolve_user
+from ._sandbox import Sandbox, primary_group, resolve_group, resolve_user
 
 Output = Literal["inherit", "discard", "capture"]
 _OUTPUTS: Final = ("inherit", "discard", "capture")
@@ -64,9 +65,10 @@ class CallOptions(TypedDict, total=False):
         cwd: the child's working directory.
         env: the child's whole environment (``{}`` for none).
         user: a user name or uid to switch to (the parent must run as root).
-        group: a group name or gid to switch to (default: the user's group).
+        group: a group name or gid to switch to, with ``user`` (default: the user's group).
         network: False puts the child in a network namespace of its own, with no interface
-            up: no network at all, loopback included.
+            up, loopback included (needs root). Unix sockets reached by path, and sockets
+            it inherited, still work: add ``close_fds``.
     """
 
     limiter: anyio.CapacityLimiter | None
@@ -242,11 +244,19 @@ def _check_sandbox(current: Sandbox, given: dict[str, Any]) -> Sandbox:
         if not all(isinstance(fd, int) and not isinstance(fd, bool) and fd >= 0 for fd in fds):
             raise TypeError("pass_fds must be file descriptor numbers")
         changes["pass_fds"] = fds
-    for name in ("max_processes", "max_open_files"):
+    for name, which in (
+        ("max_processes", resource.RLIMIT_NPROC),
+        ("max_open_files", resource.RLIMIT_NOFILE),
+    ):
         if given.get(name) is not None:
             value = given[name]
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive whole number, not {value!r}")
+            hard = resource.getrlimit(which)[1]
+            if hard != resource.RLIM_INFINITY and value > hard and os.geteuid() != 0:
+                raise ValueError(f"{name}={value} is above this process's hard limit ({hard})")
+            if value > _MAX_SIZE:
+                raise ValueError(f"{name}={value} is more than the system can enforce")
             changes[name] = value
     if given.get("max_file_size") is not None:
         changes["max_file_size"] = parse_size("max_file_size", given["max_file_size"])
@@ -262,8 +272,12 @@ def _check_sandbox(current: Sandbox, given: dict[str, Any]) -> Sandbox:
         changes["env"] = env
     if given.get("user") is not None:
         changes["uid"] = resolve_user(given["user"])
+        changes["gid"] = primary_group(changes["uid"])
     if given.get("group") is not None:
         changes["gid"] = resolve_group(given["group"])
+        if changes.get("uid", current.uid) is None:
+            # A root child could take any group back: a group alone would restrict nothing.
+            raise ValueError("group= goes with user=: alone it would leave the child root")
     if ("uid" in changes or "gid" in changes) and os.geteuid() != 0:
         raise ValueError("user= and group= switch to another user, which needs root")
     return dataclasses.replace(current, **changes)

@@ -25,7 +25,7 @@ from typing import Final
 
 import cloudpickle
 
-from ._codec import PICKLE, Codec, load_plain
+from ._codec import PICKLE, SAFE, Codec, load_plain
 from ._errors import IsolationError, RemoteError, RemoteTraceback
 
 MAGIC: Final = b"AISO"
@@ -47,6 +47,8 @@ _SETUP_FAILED: Final = "setup-failed"  # the child failed before it could run th
 
 # Large reads cost fewer trips through the event loop; the kernel returns what is there.
 _CHUNK: Final = 1 << 20
+# The most read in one go before letting the event loop run.
+_TURN: Final = 16 << 20
 
 
 def encode_result(value: object, codec: Codec) -> list[bytes]:
@@ -100,12 +102,10 @@ def encode_setup_error(exc: BaseException) -> list[bytes]:
 def _error_frame(
     what: str, type_name: str, exc: BaseException, pickled: bytes | None
 ) -> list[bytes]:
-    # The description is plain data (strings, bytes, None) so the parent can always read it,
-    # even when the exception itself cannot be pickled or unpickled.
+    # The description is plain data in the safe codec's format, so the parent can always read
+    # it (even when the exception itself cannot be pickled or unpickled) without running code.
     tb_text = "".join(traceback.format_exception(exc))
-    payload = pickle.dumps(
-        (what, type_name, _safe_str(exc), tb_text, pickled), protocol=pickle.HIGHEST_PROTOCOL
-    )
+    payload = SAFE.dumps((what, type_name, _safe_str(exc), tb_text, pickled))
     return [HEADER.pack(MAGIC, VERSION, ERROR, len(payload)), payload]
 
 
@@ -121,12 +121,14 @@ def decode(kind: int, payload: bytes | bytearray, codec: Codec) -> object:
                 f"the child's result could not be decoded in the parent: {exc!r}"
             ) from exc
     try:
-        # Plain data by construction; loaded so that nothing else can be, whatever the codec.
+        # Decoded the safe way whatever the codec: this part never runs code.
         what, type_name, message, tb_text, pickled = load_plain(payload)
         if not all(isinstance(x, str) for x in (what, type_name, message, tb_text)):
             raise TypeError("not an error description")
-    except (IsolationError, Exception) as exc:
-        raise IsolationError(f"the child sent a malformed error description: {exc!r}") from exc
+        if pickled is not None and not isinstance(pickled, bytes):
+            raise TypeError("not an error description")
+    except (IsolationError, TypeError, ValueError) as exc:
+        raise IsolationError(f"the child sent a malformed error description: {exc}") from None
     cause = RemoteTraceback(tb_text)
     if what == _UNPICKLABLE_RESULT:
         raise IsolationError(
@@ -185,9 +187,12 @@ class FrameReader:
     def read_available(self) -> None:
         """Read what the pipe holds now, up to the end of the frame; never blocks.
 
+        Returns after `_TURN` bytes at most, so that a child writing fast cannot keep the
+        event loop here: the caller waits for the pipe again, which is ready at once.
         Raises `IsolationError` for a header that is not ours.
         """
-        while not self.complete and not self.eof:
+        budget = _TURN
+        while not self.complete and not self.eof and budget > 0:
             if self.payload is None:
                 target = memoryview(self._header_buffer())[self.filled :]
             else:
@@ -201,12 +206,14 @@ class FrameReader:
                 return
             self.filled += n
             self.received += n
+            budget -= n
             if self.payload is None and self.filled == HEADER.size:
                 self._start_payload()
             if self.complete and self.kind == STATS:
                 assert self.payload is not None
-                if len(self.payload) == _STATS_PAYLOAD.size:
-                    (self.resident_at_start,) = _STATS_PAYLOAD.unpack(self.payload)
+                if self.resident_at_start is not None or len(self.payload) != _STATS_PAYLOAD.size:
+                    raise IsolationError("the child sent a malformed or second STATS frame")
+                (self.resident_at_start,) = _STATS_PAYLOAD.unpack(self.payload)
                 self.reset()
 
     def reset(self) -> None:

@@ -1,9 +1,9 @@
 """Opt-in restrictions the child puts on itself before running the function.
 
 None of this makes fork a full sandbox (see docs/security.md): each closes one gap. The parent
-checks the options and resolves names (users, groups) before fork; the child applies them in
+checks the options and resolves users and groups before fork; the child applies them in
 `apply`, in an order that keeps each possible: the network namespace needs root, so it comes
-before dropping to another user; no_new_privs comes last.
+before dropping to another user; closing fds comes before the fd limit; no_new_privs last.
 """
 
 from __future__ import annotations
@@ -46,22 +46,22 @@ def resolve_user(user: object) -> int:
     """A uid from a name or a number; raises before fork if there is no such user."""
     if isinstance(user, bool) or not isinstance(user, int | str):
         raise TypeError(f"user must be a user name or uid, not {type(user).__name__}")
-    if isinstance(user, int):
-        return user
     try:
-        return pwd.getpwnam(user).pw_uid
-    except KeyError:
+        return pwd.getpwuid(user).pw_uid if isinstance(user, int) else pwd.getpwnam(user).pw_uid
+    except (KeyError, OverflowError):
         raise ValueError(f"user={user!r}: there is no such user") from None
+
+
+def primary_group(uid: int) -> int:
+    return pwd.getpwuid(uid).pw_gid
 
 
 def resolve_group(group: object) -> int:
     if isinstance(group, bool) or not isinstance(group, int | str):
         raise TypeError(f"group must be a group name or gid, not {type(group).__name__}")
-    if isinstance(group, int):
-        return group
     try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
+        return grp.getgrgid(group).gr_gid if isinstance(group, int) else grp.getgrnam(group).gr_gid
+    except (KeyError, OverflowError):
         raise ValueError(f"group={group!r}: there is no such group") from None
 
 
@@ -73,6 +73,11 @@ def apply(sandbox: Sandbox, keep_fds: set[int]) -> None:
         # Through os.environ, so that C code (getenv) and subprocesses see the same.
         os.environ.clear()
         os.environ.update(sandbox.env)
+    if not sandbox.network:
+        _private_network()
+    if sandbox.close_fds:
+        # Before the fd limit, which could leave no fd to list the open ones with.
+        _close_all_but(keep_fds | set(sandbox.pass_fds))
     for which, limit in (
         (resource.RLIMIT_NPROC, sandbox.max_processes),
         (resource.RLIMIT_NOFILE, sandbox.max_open_files),
@@ -80,11 +85,7 @@ def apply(sandbox: Sandbox, keep_fds: set[int]) -> None:
     ):
         if limit is not None:
             resource.setrlimit(which, (limit, limit))
-    if not sandbox.network:
-        _private_network()
-    if sandbox.close_fds:
-        _close_all_but(keep_fds | set(sandbox.pass_fds))
-    if sandbox.gid is not None or sandbox.uid is not None:
+    if sandbox.uid is not None:
         _drop_privileges(sandbox.uid, sandbox.gid)
     if sandbox.no_new_privs:
         _platform.set_no_new_privs()
@@ -97,8 +98,7 @@ def _private_network() -> None:
         if exc.errno in (errno.EPERM, errno.EINVAL, errno.ENOSYS):
             raise IsolationError(
                 "network=False needs a private network namespace, which this system does not "
-                f"allow here ({exc.strerror}): run as root, or enable unprivileged user "
-                "namespaces"
+                f"allow here ({exc.strerror}): it takes root (CAP_SYS_ADMIN)"
             ) from None
         raise
 
@@ -113,13 +113,10 @@ def _close_all_but(keep: set[int]) -> None:
                 pass  # the fd listdir itself used
 
 
-def _drop_privileges(uid: int | None, gid: int | None) -> None:
-    if os.geteuid() != 0:
-        raise IsolationError("user= and group= need the parent to run as root")
-    if gid is None and uid is not None:
-        gid = pwd.getpwuid(uid).pw_gid
+def _drop_privileges(uid: int, gid: int | None) -> None:
+    # Groups first: once the uid is not root, they can no longer be changed. The gid was
+    # looked up in the parent (no user database lookups after fork).
+    os.setgroups([])
     if gid is not None:
-        os.setgroups([])
         os.setgid(gid)
-    if uid is not None:
-        os.setuid(uid)
+    os.setuid(uid)

@@ -174,6 +174,9 @@ async def test_network_false_cuts_off_even_loopback(listener: int) -> None:
         ({"env": {"A": 1}}, TypeError, "strings to strings"),
         ({"pass_fds": ["3"]}, TypeError, "file descriptor numbers"),
         ({"network": "off"}, TypeError, "True or False"),
+        ({"user": 4_000_000}, ValueError, "no such user"),
+        ({"group": "nogroup"}, ValueError, "group= goes with user="),
+        ({"max_processes": 2**64}, ValueError, "more than the system can enforce"),
     ],
 )
 async def test_bad_sandbox_options_fail_before_fork(
