@@ -436,6 +436,8 @@ class _Child:
             tg.cancel_scope.cancel()
 
     def close(self) -> None:
+        if not self.reader.complete:
+            self.reader.reset()  # a half-read result (up to its full size) goes now, not at GC
         for fd in [self.reader.fd, *(tail.fd for tail in self.outputs.values())]:
             anyio.notify_closing(fd)
             _close(fd)

@@ -92,11 +92,14 @@ class ThreadWatcher:
 
     def __init__(self, pid: int, registry: set[int]) -> None:
         self.pid = pid
-        self.fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        self.fd, self._write_fd = os.pipe2(os.O_CLOEXEC)
         # Registered so that children forked meanwhile close them (see _call._library_fds).
-        registry.update((self.fd, write_fd))
+        registry.update((self.fd, self._write_fd))
         self._registry = registry
-        threading.Thread(target=_signal_exit, args=(pid, write_fd, registry), daemon=True).start()
+        self._thread = threading.Thread(
+            target=_signal_exit, args=(pid, self._write_fd), daemon=True
+        )
+        self._thread.start()
 
     async def wait_exited(self) -> None:
         await anyio.wait_readable(self.fd)
@@ -110,25 +113,23 @@ class ThreadWatcher:
             pass
 
     def close(self) -> None:
+        # Called once the child is reaped, so the thread is past waitid() and ends at once;
+        # both fds are closed after it, so it can never write to a reused fd number.
+        self._thread.join()
         anyio.notify_closing(self.fd)
-        self._registry.discard(self.fd)
-        os.close(self.fd)
+        for fd in (self.fd, self._write_fd):
+            self._registry.discard(fd)
+            os.close(fd)
 
 
-def _signal_exit(pid: int, write_fd: int, registry: set[int]) -> None:
+def _signal_exit(pid: int, write_fd: int) -> None:
     try:
         # WNOWAIT leaves the child a zombie, so its pid (and process group id) stay reserved
         # until the caller reaps it.
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     except ChildProcessError:
         pass  # reaped by someone else: it has exited all the same
-    finally:
-        try:
-            os.write(write_fd, b"x")
-        except OSError:
-            pass  # the parent closed its end already (Python ignores SIGPIPE)
-        registry.discard(write_fd)
-        os.close(write_fd)
+    os.write(write_fd, b"x")
 
 
 _pidfd_verdict: bool | None = None

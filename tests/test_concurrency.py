@@ -90,15 +90,15 @@ async def test_event_loop_keeps_ticking_while_20_children_run() -> None:
         limiter = anyio.CapacityLimiter(20)
         async with anyio.create_task_group() as tg:
             for _ in range(20):
-                tg.start_soon(lambda: isolated(time.sleep, 0.5, limiter=limiter))
+                tg.start_soon(lambda: isolated(time.sleep, 1.0, limiter=limiter))
         done.set()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
         tg.start_soon(calls)
-    # Any wait on a child that blocked the loop would show as a gap of about 0.5 s.
+    # Any wait on a child that blocked the loop would show as a gap of a second.
     assert len(gaps) > 20
-    assert max(gaps) < 0.2, f"the loop stalled for {max(gaps):.3f} s"
+    assert max(gaps) < 0.5, f"the loop stalled for {max(gaps):.3f} s"
 
 
 def misbehave(i: int) -> int:
