@@ -34,18 +34,18 @@ async def test_interrupt_delivered_as_signals_are_unblocked_after_fork(
 ) -> None:
     # A Ctrl-C that arrives during fork stays pending until the mask is restored, and is
     # raised right there: the child just forked must be killed and reaped, its pipe closed.
-    real_sigmask = signal.pthread_sigmask
+    real_sigmask = _call._signal.pthread_sigmask
     forked = []
 
     def sigmask(how: int, mask: object) -> set[int]:
-        previous = real_sigmask(how, mask)  # type: ignore[arg-type]
+        previous: set[int] = real_sigmask(how, mask)
         if how == signal.SIG_SETMASK and os.getpid() == parent:
             forked.append(1)
             raise Interrupt
-        return previous  # type: ignore[return-value]
+        return previous
 
     parent = os.getpid()
-    monkeypatch.setattr(signal, "pthread_sigmask", sigmask)
+    monkeypatch.setattr(_call._signal, "pthread_sigmask", sigmask)
     with pytest.raises(Interrupt):
         await isolated(time.sleep, 600)
     assert forked == [1]
