@@ -315,7 +315,7 @@ class Isolator:
         **options: Unpack[CallOptions],
     ) -> Any:
         """Like `isolated`, with this isolator's options as defaults."""
-        value, _ = await self._run(func, args, options)
+        value, _ = await self._run(func, args, self._options.merge(options))
         return value
 
     @overload
@@ -341,7 +341,7 @@ class Isolator:
         **options: Unpack[CallOptions],
     ) -> tuple[Any, CallReport]:
         """Like `isolated_with_report`, with this isolator's options as defaults."""
-        return await self._run(func, args, options)
+        return await self._run(func, args, self._options.merge(options))
 
     @overload
     def map(
@@ -407,16 +407,18 @@ class Isolator:
         """
         if not callable(func):
             raise TypeError(f"func must be callable, not {type(func).__name__}")
-        limiter = self._options.merge(options).limiter  # checks the options now
+        # Checked and merged once for the whole fan-out, not once per input (resolving a
+        # user name, say, is a lookup in the user database).
+        checked = self._options.merge(options)
 
         async def call(item: Any) -> Any:
-            value, _ = await self._run(func, (item,), options, limit=False)
+            value, _ = await self._run(func, (item,), checked, limit=False)
             return value
 
         return MapResults(
             call,
             inputs,
-            default_limiter() if limiter is None else limiter,
+            default_limiter() if checked.limiter is None else checked.limiter,
             ordered=ordered,
             return_exceptions=return_exceptions,
             on_progress=on_progress,
@@ -426,7 +428,7 @@ class Isolator:
         self,
         func: Callable[..., Any],
         args: tuple[Any, ...],
-        overrides: CallOptions,
+        options: Options,
         *,
         limit: bool = True,
     ) -> tuple[Any, CallReport]:
@@ -436,7 +438,6 @@ class Isolator:
                 if self._state == "new"
                 else "this Isolator is closed"
             )
-        options = self._options.merge(overrides)
         reports: list[CallReport] = []
         with anyio.CancelScope() as scope:
             self._running.add(scope)

@@ -292,3 +292,21 @@ async def test_closing_the_isolator_ends_its_fan_out(channel: Channel) -> None:
                 await channel.receive()
     assert len(received) == 2
     assert all(isinstance(r, IsolationError) and "Isolator was closed" in str(r) for r in received)
+
+
+async def test_isolator_map_checks_its_options_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aioisolate._options import Options
+
+    merges = []
+    real_merge = Options.merge
+
+    def merge(self: Options, overrides: object) -> Options:
+        merges.append(overrides)
+        return real_merge(self, overrides)  # type: ignore[arg-type]
+
+    async with Isolator() as iso:
+        monkeypatch.setattr(Options, "merge", merge)
+        async with iso.map(square, range(8), timeout=30) as results:
+            assert [r async for r in results] == [x * x for x in range(8)]
+    # Once for the fan-out, not once per input (a user name would be looked up each time).
+    assert merges == [{"timeout": 30}]
