@@ -146,6 +146,7 @@ def _spawn(
                 stream=stream,
                 codec=options.codec,
                 sandbox=options.sandbox,
+                sandboxed=options.sandbox.active,
             )
             started = time.monotonic()
             try:
@@ -259,17 +260,51 @@ class _Child:
 
     async def collect(self) -> None:
         """Read the result while waiting for the child to exit; return once it is reaped."""
+        tails = {tail.fd: tail for tail in self.outputs.values()}
+        ready = _platform.ready_set(self.watcher, [self.reader.fd, *tails], _library_fds)
+        if ready is None:
+            await self._collect_with_tasks()
+        else:
+            try:
+                if self.options.memory_limit is None:
+                    await self._collect_ready(ready, tails)
+                else:
+                    async with _task_group() as tg:
+                        self._watch_memory(tg)
+                        await self._collect_ready(ready, tails)
+                        tg.cancel_scope.cancel()
+            finally:
+                ready.close()
+        # All the child wrote is in the pipes now. Take it without waiting for EOF, which a
+        # descendant that left the process group could postpone for ever.
+        self._read_available()
+        for tail in self.outputs.values():
+            tail.read_available()
+
+    async def _collect_ready(self, ready: _platform.ReadySet, tails: dict[int, Tail]) -> None:
+        """`collect` with one wait for all the fds of the call (see `_platform.ReadySet`)."""
+        exit_fd = self.watcher.fileno()
+        while not self.reaped:
+            await ready.wait()
+            for fd in ready.ready():
+                if fd == exit_fd:
+                    self._reap()
+                elif fd == self.reader.fd:
+                    if self._take_final():
+                        ready.discard(fd)
+                else:
+                    tails[fd].read_available()
+                    if tails[fd].eof:
+                        ready.discard(fd)
+
+    async def _collect_with_tasks(self) -> None:
+        """`collect` with a task per fd: where there is no `_platform.ReadySet`."""
         async with _task_group() as tg:
             tg.start_soon(lambda: self._read(final=True))
             self._serve(tg)
             await self.watcher.wait_exited()
             self._reap()
-            # All the child wrote is in the pipes now. Take it without waiting for EOF, which
-            # a descendant that left the process group could postpone for ever.
             tg.cancel_scope.cancel()
-        self._read_available()
-        for tail in self.outputs.values():
-            tail.read_available()
 
     def frame_ready(self) -> bool:
         """Read what the pipe holds now; True if that settles the next frame (it is complete,
@@ -316,6 +351,9 @@ class _Child:
         """Start what runs beside the reader: output drains and the memory watchdog."""
         for tail in self.outputs.values():
             tg.start_soon(tail.drain)
+        self._watch_memory(tg)
+
+    def _watch_memory(self, tg: anyio.abc.TaskGroup) -> None:
         if self.options.memory_limit is not None:
             tg.start_soon(
                 _limits.watch_memory,
@@ -328,14 +366,20 @@ class _Child:
     async def _read(self, *, final: bool = False) -> None:
         """Read until a frame is complete, or EOF. With ``final`` (the frame that ends the
         call), go on to EOF: a child that writes anything after it is killed."""
-        while True:
-            self._read_available()
-            if self.protocol_error is not None or self.reader.eof:
-                return
-            if self.reader.complete:
-                if not final or self._nothing_follows():
-                    return
+        while not (self._take_final() if final else self._take_frame()):
             await anyio.wait_readable(self.reader.fd)
+
+    def _take_frame(self) -> bool:
+        """Read what the result pipe holds; True once a frame is complete, or at EOF."""
+        self._read_available()
+        return self.protocol_error is not None or self.reader.eof or self.reader.complete
+
+    def _take_final(self) -> bool:
+        """Read what the result pipe holds; True once it needs no more watching: the last frame
+        came and nothing follows it (EOF), or the child broke the protocol."""
+        return self._take_frame() and (
+            not self.reader.complete or self.protocol_error is not None or self._nothing_follows()
+        )
 
     def _nothing_follows(self) -> bool:
         """False while the pipe may still bring data after the last frame."""

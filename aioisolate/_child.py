@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import _signal
 import asyncio
-import contextvars
 import dataclasses
 import faulthandler
 import gc
@@ -22,6 +21,7 @@ import os
 import signal
 import sys
 import traceback
+import types
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, NoReturn
 
@@ -57,6 +57,7 @@ class Plan:
     stream: bool = False  # func is a generator function: send its items as they come
     codec: Codec = PICKLE
     sandbox: Sandbox = Sandbox()
+    sandboxed: bool = False  # sandbox.active, worked out in the parent
 
 
 def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn:
@@ -81,7 +82,10 @@ def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn
 
 
 def _become_fresh_process(plan: Plan) -> int:
-    """Set the child up; return its resident memory at the end of it, in bytes."""
+    """Set the child up; return its resident memory when it started, in bytes."""
+    # First, before this setup touches (and so copies) anything: the kernel starts a child's
+    # peak at its resident size at fork, which is what the parent subtracts from the final peak.
+    resident_at_start = _platform.peak_resident()
     # Our own group: Ctrl-C at the terminal reaches only the parent (which then cancels and
     # kills us), and one killpg() reaches everything we start.
     os.setpgid(0, 0)
@@ -119,10 +123,9 @@ def _become_fresh_process(plan: Plan) -> int:
             pass
 
     _forget_event_loops()
-    _limits.apply_in_child(plan.memory_limit, plan.cpu_limit)
-    # Measured before the sandbox, which may leave no fd free to read /proc with.
-    resident_at_start, _ = _platform.resident_memory()
-    if plan.sandbox.active:
+    if plan.memory_limit is not None or plan.cpu_limit is not None:
+        _limits.apply_in_child(plan.memory_limit, plan.cpu_limit)
+    if plan.sandboxed:
         _sandbox.apply(plan.sandbox, keep_fds={plan.write_fd})
     if plan.stderr >= 0:
         # stderr is captured: a crash then reports the Python line it happened on.
@@ -209,28 +212,38 @@ def _forget_event_loops() -> None:
 
 
 def _call(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> list[bytes]:
-    """Run the function in a copy of the caller's context and encode what came of it.
+    """Run the function in the caller's context and encode what came of it.
 
     For a stream, the function returns an iterator (or async iterator): each item is written
     to the result pipe as it comes, and the returned frame is the one that ends the stream.
     """
-    context = contextvars.copy_context()
+    # Fork copied the calling task's context, which is current here: the function sees the
+    # caller's context variables, except the backend name that anyio set for that task.
     sniffio = sys.modules.get("sniffio")
-    if sniffio is not None:
-        # The backend name that anyio set for the caller's task is a context variable.
-        context.run(sniffio.current_async_library_cvar.set, None)
+    if sniffio is not None and sniffio.current_async_library_cvar.get(None) is not None:
+        sniffio.current_async_library_cvar.set(None)
     try:
-        result = context.run(func, *args)
+        result = func(*args)
         if plan.stream:
-            return context.run(_send_items, result, plan)
-        if inspect.isawaitable(result):
-            result = context.run(_run_on_new_loop, result, plan.loop_kind)
+            return _send_items(result, plan)
+        if _is_awaitable(result):
+            result = _run_on_new_loop(result, plan.loop_kind)
     except BaseException as exc:
         return _protocol.encode_error(exc, plan.codec)
     try:
         return _protocol.encode_result(result, plan.codec)
     except Exception as exc:
         return _protocol.encode_unpicklable_result(result, exc)
+
+
+def _is_awaitable(value: object) -> bool:
+    # What inspect.isawaitable says, without its ABC check: every object the child touches is
+    # a page copied, and the ABC machinery touches many (0.1 ms a call).
+    if isinstance(value, types.CoroutineType) or hasattr(type(value), "__await__"):
+        return True
+    return isinstance(value, types.GeneratorType) and bool(
+        value.gi_code.co_flags & inspect.CO_ITERABLE_COROUTINE
+    )
 
 
 def _send_items(items: Any, plan: Plan) -> list[bytes]:
@@ -310,3 +323,15 @@ def _print_exception() -> None:
         traceback.print_exc()
     except BaseException:
         pass
+
+
+def _warm_up() -> None:
+    # State built lazily on first use (caches, per-thread objects) is built here, once, in the
+    # parent: a child that built it would pay for it in copied pages on every call.
+    _protocol.encode_stats(0)
+    _protocol.encode_result(None, PICKLE)
+    _is_awaitable(None)
+    _platform.peak_resident()
+
+
+_warm_up()

@@ -90,6 +90,7 @@ async def test_error_while_waiting_comes_out_as_itself(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(_platform.PidfdWatcher, "wait_exited", broken_wait)
     monkeypatch.setattr(_platform.ThreadWatcher, "wait_exited", broken_wait)
+    monkeypatch.setattr(_platform.ReadySet, "wait", broken_wait)
     with pytest.raises(Interrupt):
         await isolated(time.sleep, 600)
 
