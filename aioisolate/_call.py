@@ -21,6 +21,7 @@ from __future__ import annotations
 import _signal
 import asyncio
 import contextlib
+import mmap
 import os
 import resource
 import signal
@@ -34,7 +35,8 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from . import _child, _limits, _platform, _protocol
+from . import _child, _limits, _platform, _protocol, _spill
+from ._codec import PICKLE
 from ._errors import (
     ChildCrashed,
     CPULimitExceeded,
@@ -128,6 +130,11 @@ def _spawn(
                     opened.extend(pipes[name])
                     _library_fds.update(pipes[name])
             write_ends = [w for _, w in pipes.values()]
+            spill = None
+            if not stream and options.codec is PICKLE:
+                spill = _platform.spill_file(_library_fds)
+                if spill is not None:
+                    opened.append(spill)
             _, anonymous_at_fork = _platform.resident_memory()
             # Blocked across fork: a signal arriving in the child before it resets the
             # handlers would run the parent's (and wake the parent's loop through its wakeup fd).
@@ -135,7 +142,7 @@ def _spawn(
             plan = _child.Plan(
                 write_fd=pipes["result"][1],
                 # Listed now: the at-fork hook empties the set in the child.
-                inherited_fds=list(_library_fds.difference(write_ends)),
+                inherited_fds=list(_library_fds.difference(write_ends, [spill])),
                 sigmask=sigmask,
                 parent_pid=parent_pid,
                 loop_kind=loop_kind,
@@ -147,6 +154,7 @@ def _spawn(
                 codec=options.codec,
                 sandbox=options.sandbox,
                 sandboxed=options.sandbox.active,
+                spill_fd=-1 if spill is None else spill,
             )
             started = time.monotonic()
             try:
@@ -184,6 +192,7 @@ def _spawn(
                 options,
                 started,
                 anonymous_at_fork,
+                spill,
             )
         except BaseException as exc:
             _undo_spawn(pid, opened, watcher)
@@ -238,8 +247,11 @@ class _Child:
         options: Options,
         started: float,
         anonymous_at_fork: int,
+        spill_fd: int | None = None,
     ) -> None:
         self.pid = pid
+        self.spill_fd = spill_fd
+        self.spilled: mmap.mmap | None = None  # the spill file, mapped once the child is gone
         self.watcher = watcher
         self.reader = reader
         self.outputs = outputs
@@ -280,6 +292,21 @@ class _Child:
         self._read_available()
         for tail in self.outputs.values():
             tail.read_available()
+        if self.reader.complete and self.reader.kind == _protocol.SPILLED:
+            self._take_spill()
+
+    def _take_spill(self) -> None:
+        if self.spill_fd is None:
+            self.protocol_error = IsolationError("the child sent a spilled result unasked")
+            return
+        try:
+            self.spilled = _spill.take(self.spill_fd, self.options.result_limit)
+        except IsolationError as exc:
+            self.protocol_error = exc
+        except OSError as exc:
+            self.protocol_error = IsolationError(
+                f"the child's spilled result could not be mapped in the parent: {exc}"
+            )
 
     async def _collect_ready(self, ready: _platform.ReadySet, tails: dict[int, Tail]) -> None:
         """`collect` with one wait for all the fds of the call (see `_platform.ReadySet`)."""
@@ -490,6 +517,8 @@ class _Child:
         for fd in [self.reader.fd, *(tail.fd for tail in self.outputs.values())]:
             anyio.notify_closing(fd)
             _close(fd)
+        if self.spill_fd is not None:
+            _close(self.spill_fd)  # its mapping, if any, lives on
         self.watcher.close()
 
     def report(self) -> CallReport:
@@ -504,7 +533,7 @@ class _Child:
             user_time=rusage.ru_utime if rusage else 0.0,
             system_time=rusage.ru_stime if rusage else 0.0,
             peak_memory=self._peak_memory(rusage),
-            result_bytes=self.reader.received,
+            result_bytes=self.reader.received + (len(self.spilled) if self.spilled else 0),
             stdout=stdout.data if stdout else None,
             stderr=stderr.data if stderr else None,
             stdout_dropped=stdout.dropped if stdout else 0,
@@ -534,7 +563,7 @@ class _Child:
         if self.reader.complete:
             payload = self.reader.payload
             assert payload is not None
-            return _protocol.decode(self.reader.kind, payload, self.options.codec)
+            return _protocol.decode(self.reader.kind, payload, self.options.codec, self.spilled)
         raise self._crash()
 
     def _crash(self) -> ChildCrashed:

@@ -58,6 +58,7 @@ class Plan:
     codec: Codec = PICKLE
     sandbox: Sandbox = Sandbox()
     sandboxed: bool = False  # sandbox.active, worked out in the parent
+    spill_fd: int = -1  # the call's spill file for a large result (see _spill), if any
 
 
 def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn:
@@ -126,7 +127,7 @@ def _become_fresh_process(plan: Plan) -> int:
     if plan.memory_limit is not None or plan.cpu_limit is not None:
         _limits.apply_in_child(plan.memory_limit, plan.cpu_limit)
     if plan.sandboxed:
-        _sandbox.apply(plan.sandbox, keep_fds={plan.write_fd})
+        _sandbox.apply(plan.sandbox, keep_fds={plan.write_fd, plan.spill_fd})
     if plan.stderr >= 0:
         # stderr is captured: a crash then reports the Python line it happened on.
         # If the parent had it enabled, enable() alone would see it "already enabled" and not
@@ -231,7 +232,7 @@ def _call(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> list[b
     except BaseException as exc:
         return _protocol.encode_error(exc, plan.codec)
     try:
-        return _protocol.encode_result(result, plan.codec)
+        return _protocol.encode_result(result, plan.codec, plan.spill_fd)
     except Exception as exc:
         return _protocol.encode_unpicklable_result(result, exc)
 

@@ -201,6 +201,19 @@ def watch(pid: int, mechanism: Mechanism, registry: set[int]) -> ChildWatcher:
     return ThreadWatcher(pid, registry)
 
 
+def spill_file(registry: set[int]) -> int | None:
+    """A memory file for the child to put a large result in (see `_spill`), or None where there
+    are no memfds, or none can be made now (the pipe then carries everything)."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    try:
+        fd = os.memfd_create("aioisolate-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError:
+        return None
+    registry.add(fd)
+    return fd
+
+
 class ReadySet:
     """One fd, readable whenever any of several others is: an epoll instance.
 

@@ -16,6 +16,7 @@ Unpickling runs code chosen by whoever produced the bytes: this codec is for tru
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import struct
@@ -25,6 +26,7 @@ from typing import Final
 
 import cloudpickle
 
+from . import _spill
 from ._codec import PICKLE, SAFE, Codec, load_plain
 from ._errors import IsolationError, RemoteError, RemoteTraceback
 
@@ -37,6 +39,7 @@ ERROR: Final = 2
 ITEM: Final = 3  # one item of a streamed generator; any number come before END or ERROR
 END: Final = 4  # the generator finished
 STATS: Final = 5  # figures from the child, just before its last frame; read by FrameReader
+SPILLED: Final = 6  # a RESULT whose large buffers are in the call's spill file (see _spill)
 _STATS_PAYLOAD: Final = struct.Struct(">Q")
 
 # ERROR payloads say which of these happened in the child.
@@ -51,9 +54,18 @@ _CHUNK: Final = 1 << 20
 _TURN: Final = 16 << 20
 
 
-def encode_result(value: object, codec: Codec) -> list[bytes]:
-    """The frame for a return value, as buffers to write in order (no copy of the payload)."""
-    payload = codec.dumps(value)
+def encode_result(value: object, codec: Codec, spill_fd: int = -1) -> list[bytes]:
+    """The frame for a return value, as buffers to write in order (no copy of the payload).
+
+    With the pickle codec and a spill file, large buffers of the value go into the file.
+    """
+    if spill_fd >= 0 and codec is PICKLE:
+        data, table = _spill.dump(value, spill_fd)
+        if table is not None:
+            return [HEADER.pack(MAGIC, VERSION, SPILLED, len(table) + len(data)), table, data]
+        payload = data
+    else:
+        payload = codec.dumps(value)
     return [HEADER.pack(MAGIC, VERSION, RESULT, len(payload)), payload]
 
 
@@ -109,10 +121,15 @@ def _error_frame(
     return [HEADER.pack(MAGIC, VERSION, ERROR, len(payload)), payload]
 
 
-def decode(kind: int, payload: bytes | bytearray, codec: Codec) -> object:
-    """The value a frame carries, or raise what it describes."""
-    if kind in (RESULT, ITEM):
+def decode(
+    kind: int, payload: bytes | bytearray, codec: Codec, spilled: mmap.mmap | None = None
+) -> object:
+    """The value a frame carries, or raise what it describes. ``spilled`` is the call's spill
+    file, mapped (see `_spill.take`), for a SPILLED frame."""
+    if kind in (RESULT, ITEM, SPILLED):
         try:
+            if kind == SPILLED:
+                return _spill.load(payload, spilled)
             return codec.loads(payload)
         except IsolationError:
             raise
@@ -229,7 +246,11 @@ class FrameReader:
     def _start_payload(self) -> None:
         assert self.header is not None
         magic, version, kind, length = HEADER.unpack(self.header)
-        if magic != MAGIC or version != VERSION or kind not in (RESULT, ERROR, ITEM, END, STATS):
+        if (
+            magic != MAGIC
+            or version != VERSION
+            or kind not in (RESULT, ERROR, ITEM, END, STATS, SPILLED)
+        ):
             raise IsolationError(
                 f"the child wrote data that is not a result frame to the result pipe "
                 f"(header {bytes(self.header)!r})"

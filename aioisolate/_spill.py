@@ -1,0 +1,131 @@
+"""Large buffers of a result, moved through a sealed memory file instead of the pipe.
+
+Through the pipe, a result's bytes are copied four times: pickled in the child, written into
+the pipe, read out of it and unpickled in the parent. A result whose bulk is in buffers (bytes,
+bytearray, numpy arrays, and whatever else pickle protocol 5 can move out of band) goes another
+way: the child writes each buffer of `SPILL_MIN` bytes or more once into a memory file (a
+memfd) that the parent created for the call, seals the file against any change, and sends
+through the pipe only the pickle and a table of where each buffer lies. The parent maps the
+file and builds the value on the mapped pages: a numpy array uses them as they are, bytes and
+bytearray copy them once.
+
+The parent checks the seals before it maps the file: a descendant of the child that kept the fd
+can then neither change the data nor shrink the file under the mapping. Only the pickle codec
+spills (it trusts the child anyway); the file exists where the platform has memfds (Linux).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import pickle
+import struct
+from typing import Any, Final
+
+from ._codec import dump_pickle
+from ._errors import IsolationError
+
+# Smaller buffers stay in the pickle: a pipe holds them at once.
+SPILL_MIN: Final = 64 << 10
+# Buffers start on a page: numpy wants 64-byte alignment, and the kernel copies whole pages.
+_ALIGN: Final = mmap.PAGESIZE
+# No change of any kind once sealed. (Linux names: spill files exist only where these do.)
+_SEALS: Final = sum(
+    getattr(fcntl, name, 0)
+    for name in ("F_SEAL_SEAL", "F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_WRITE")
+)
+_COUNT: Final = struct.Struct(">I")
+_ENTRY: Final = struct.Struct(">QQ")  # offset, length
+
+
+class _Whole:
+    """A bytes or bytearray result, reduced to a buffer so that it can leave the pickle (the
+    pickler writes those two types in band whatever the protocol)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes | bytearray) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: object) -> tuple[Any, ...]:
+        return type(self.value), (pickle.PickleBuffer(self.value),)
+
+
+def dump(value: object, fd: int) -> tuple[bytes, bytes | None]:
+    """In the child: pickle ``value``, writing its large buffers into the file ``fd`` and
+    sealing it. Returns the pickle and the table of buffers, or the pickle and None when
+    nothing was spilled (the pickle then reads without any file)."""
+    if type(value) in (bytes, bytearray) and len(value) >= SPILL_MIN:  # type: ignore[arg-type]
+        value = _Whole(value)  # type: ignore[arg-type]
+    buffers: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:
+            return True  # not contiguous: in the pickle
+        if raw.nbytes < SPILL_MIN:
+            return True
+        buffers.append(raw)
+        return False
+
+    data = dump_pickle(value, out_of_band)
+    if not buffers:
+        return data, None
+    table = [_COUNT.pack(len(buffers))]
+    offset = 0
+    try:
+        for raw in buffers:
+            offset = -(-offset // _ALIGN) * _ALIGN
+            _write_at(fd, raw, offset)
+            table.append(_ENTRY.pack(offset, raw.nbytes))
+            offset += raw.nbytes
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)  # type: ignore[attr-defined,unused-ignore]
+    except OSError:
+        # No memory for the file: the pipe carries it all, as for any other result.
+        return dump_pickle(value if not isinstance(value, _Whole) else value.value), None
+    return data, b"".join(table)
+
+
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def take(fd: int, limit: int | None) -> mmap.mmap | None:
+    """In the parent, once the child is gone: map the file the child spilled into (None if
+    it is empty). Raises `IsolationError` for a file that is not sealed or over ``limit``."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return None
+    if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
+        raise IsolationError("the child left its result file unsealed; it was not read")
+    if limit is not None and size > limit:
+        raise IsolationError(
+            f"the child spilled {size} bytes of result, more than max_result_size={limit}; "
+            "raise the limit if that is expected"
+        )
+    # Private and writable: the arrays built on it are writable, as unpickled arrays are, and
+    # a write copies only the page it touches.
+    return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def load(payload: bytes | bytearray, spilled: mmap.mmap | None) -> Any:
+    """In the parent: the value of a spilled result, from its frame's payload and the map."""
+    view = memoryview(payload)
+    (count,) = _COUNT.unpack_from(view)
+    start = _COUNT.size + count * _ENTRY.size
+    if start > len(view):
+        raise ValueError("a spill table longer than its frame")
+    size = 0 if spilled is None else len(spilled)
+    whole = memoryview(spilled) if spilled is not None else memoryview(b"")
+    buffers = []
+    for i in range(count):
+        offset, length = _ENTRY.unpack_from(view, _COUNT.size + i * _ENTRY.size)
+        if offset + length > size:
+            raise ValueError("a spilled buffer beyond the end of the file")
+        buffers.append(whole[offset : offset + length])
+    return pickle.loads(view[start:], buffers=buffers)
