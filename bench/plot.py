@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from .plan import Scenario
-from .report import Results, Run, Stats
+from .report import Results, Run
 from .systems import SYSTEMS
 
 OURS = "#d62728"
 OTHERS = "#7f7f7f"
 FLOORS = "#1f77b4"
+FLOOR_COLORS = {"python-floor": FLOORS, "c-floor": "#17becf"}
+PEER_COLORS = ["#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
 
 
 def _color(name: str) -> str:
@@ -76,22 +78,15 @@ def draw(results: Results, scenarios: list[Scenario], path: Path) -> None:
     bandwidth_ax.set_title(f"{largest} MiB result, MiB/s by kind (higher is better)")
 
     forkcost = by_name["forkcost"]
+    peers = iter(PEER_COLORS)
     for name in dict.fromkeys(name for name, _ in forkcost.rows):
-        grown = [
-            row
-            for system, param in forkcost.rows
-            if system == name and param["kind"] == "numpy"
-            for row in [run.row("forkcost", system, param)]
-            if row.samples.get("us")
-        ]
-        if grown:
-            # Before it grew: the small-parent calls of every size, pooled.
-            base = Stats.of([v for row in grown for v in row.samples["base_us"]]).median
-            xs = [0.0] + [row.median("grown_mib") for row in grown]
-            ys = [base] + [row.median("us") for row in grown]
+        points = run.forkcost_points(name, "numpy")
+        if points:
+            xs, ys = zip(*points, strict=True)
             role = SYSTEMS[name].role
-            style = {"ours": {"color": OURS}, "floor": {"linestyle": "--"}}.get(role, {})
-            forkcost_ax.plot(xs, ys, marker="o", label=name, **style)
+            color = {"ours": OURS, "floor": FLOOR_COLORS.get(name)}.get(role) or next(peers)
+            style = "--" if role == "floor" else "-"
+            forkcost_ax.plot(xs, ys, style, color=color, marker="o", label=name)
     forkcost_ax.set_xlabel("resident MiB added to the parent (numpy array; 0: before)")
     forkcost_ax.set_ylabel("µs per trivial call")
     forkcost_ax.set_title("Fork cost against the parent's size (lower is better)")

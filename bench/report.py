@@ -59,6 +59,16 @@ def ratio(value: float, reference: float) -> float:
     return value / reference
 
 
+def slope(points: Sequence[tuple[float, float]]) -> float:
+    """The least-squares slope of y over x; NaN without two distinct x."""
+    if len({x for x, _ in points}) < 2:
+        return NAN
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    covariance = sum((x - mean_x) * (y - mean_y) for x, y in points)
+    return covariance / sum((x - mean_x) ** 2 for x, _ in points)
+
+
 @dataclass
 class Row:
     """All the runs of one (scenario, system, parameter): samples pooled over the rounds."""
@@ -101,6 +111,21 @@ class Run:
 
     def median(self, scenario: str, system: str, param: Param, metric: str | None = None) -> float:
         return self.row(scenario, system, param).median(metric or self.scenarios[scenario].metric)
+
+    def forkcost_points(self, system: str, kind: str) -> list[tuple[float, float]]:
+        """(MiB grown, median µs) of a system's fork-cost rows of one kind, and (0, the small
+        parent's median over all of them) first."""
+        rows = [
+            row
+            for name, param in self.scenarios["forkcost"].rows
+            if name == system and param["kind"] == kind
+            for row in [self.row("forkcost", name, param)]
+            if row.samples.get("us")
+        ]
+        if not rows:
+            return []
+        base = Stats.of([value for row in rows for value in row.samples["base_us"]]).median
+        return [(0.0, base)] + [(row.median("grown_mib"), row.median("us")) for row in rows]
 
     def versus_ours(self, scenario: Scenario, system: str, param: Param) -> float:
         value = self.median(scenario.name, system, param)
@@ -315,7 +340,7 @@ def _generic_table(run: Run, scenario: Scenario, rows: Sequence[tuple[str, Param
             spread(stats),
             times(run.versus_ours(scenario, name, param)),
             times(run.versus_floor(scenario, name, param)),
-            str(stats.n),
+            f"{stats.n:,}",
         ]
         if scenario.name == "latency":
             loop = {"c-floor": "none (C)", "python-floor": "none (blocking)"}.get(name, system.loop)
@@ -328,6 +353,16 @@ def _generic_table(run: Run, scenario: Scenario, rows: Sequence[tuple[str, Param
         system = SYSTEMS[name]
         blanks = [""] * (len(header) - 4)
         lines.append([system.title, yes_no(system.isolated), "n/a", *blanks, reason])
+    return table(header, lines)
+
+
+def _per_mib_table(run: Run, scenario: Scenario) -> str:
+    kinds = list(dict.fromkeys(param["kind"] for _, param in scenario.rows))
+    header = ["system", *(f"{kind}: µs per resident MiB" for kind in kinds)]
+    lines = [
+        [SYSTEMS[name].title, *(number(slope(run.forkcost_points(name, kind))) for kind in kinds)]
+        for name in dict.fromkeys(name for name, _ in scenario.rows)
+    ]
     return table(header, lines)
 
 
@@ -462,6 +497,12 @@ def render(results: Results, scenarios: list[Scenario], plot_name: str | None) -
                 parts.append(_generic_table(run, scenario, rows))
         else:
             parts.append(_generic_table(run, scenario, scenario.rows))
+        if scenario.name == "forkcost":
+            parts.append(
+                "The cost per resident MiB, fitted by least squares over the sizes of each kind "
+                "(with the small parent at 0 MiB):"
+            )
+            parts.append(_per_mib_table(run, scenario))
     return "\n\n".join(parts) + "\n"
 
 

@@ -75,6 +75,12 @@ def test_percentile_interpolates_between_ranks() -> None:
     assert (stats.median, stats.p10, stats.p90, stats.n) == (50, 10, 90, 101)
 
 
+def test_slope_is_least_squares() -> None:
+    assert report.slope([(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)]) == pytest.approx(2.0)
+    assert report.slope([(0.0, 0.0), (1.0, 1.0), (2.0, 0.0), (3.0, 1.0)]) == pytest.approx(0.2)
+    assert math.isnan(report.slope([(1.0, 1.0), (1.0, 2.0)]))
+
+
 def test_ratio_is_nan_when_a_side_is_missing() -> None:
     assert report.ratio(3.0, 2.0) == 1.5
     assert math.isnan(report.ratio(3.0, 0.0))
