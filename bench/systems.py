@@ -125,20 +125,24 @@ async def open_aioisolate(cap: int | None) -> AsyncIterator[Runner]:
 # --- the floors ------------------------------------------------------------------------------
 
 
-def _fork_child(func: Callable[..., Any], args: tuple[Any, ...]) -> tuple[int, int]:
-    """Fork a child that writes ``func(*args)`` pickled to a pipe; its pid and read end."""
+def _fork_child(produce: Callable[[], bytes]) -> tuple[int, int]:
+    """Fork a child that writes what ``produce()`` returns to a pipe; its pid and read end."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:
         status = 1
         try:
             os.close(read_fd)
-            _write_all(write_fd, pickle.dumps(func(*args), pickle.HIGHEST_PROTOCOL))
+            _write_all(write_fd, produce())
             status = 0
         finally:
             os._exit(status)
     os.close(write_fd)
     return pid, read_fd
+
+
+def _pickled(func: Callable[..., Any], args: tuple[Any, ...]) -> Callable[[], bytes]:
+    return lambda: pickle.dumps(func(*args), pickle.HIGHEST_PROTOCOL)
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
@@ -162,7 +166,7 @@ def _check_exit(pid: int, status: int) -> None:
 
 def fork_call(func: Callable[..., Any], *args: Any) -> Any:
     """The Python floor: fork, the child pickles the result into a pipe, read, reap."""
-    pid, read_fd = _fork_child(func, args)
+    pid, read_fd = _fork_child(_pickled(func, args))
     value = _read_result(read_fd)
     _check_exit(*os.waitpid(pid, 0))
     return value
@@ -182,7 +186,7 @@ def fork_map(func: Callable[[Any], Any], inputs: Iterator[Any], cap: int) -> lis
             pid, status = os.waitpid(-1, 0)
             _check_exit(pid, status)
             results.append(_read_result(running.pop(pid)))
-        pid, read_fd = _fork_child(func, (item,))
+        pid, read_fd = _fork_child(_pickled(func, (item,)))
         running[pid] = read_fd
     while running:
         pid, status = os.waitpid(-1, 0)
@@ -195,17 +199,7 @@ def raw_pipe(nbytes: int) -> bytearray:
     """The raw pipe floor: the child writes ``nbytes`` to a pipe of the default size, and the
     parent reads them into a bytearray allocated before the fork; no pickle on either side."""
     buffer = bytearray(nbytes)
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            os.close(read_fd)
-            _write_all(write_fd, tasks.payload("bytes", nbytes))
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(write_fd)
+    pid, read_fd = _fork_child(lambda: tasks.payload("bytes", nbytes))
     view = memoryview(buffer)
     with open(read_fd, "rb", buffering=0) as pipe:
         got = 0
