@@ -4,13 +4,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
+BENCH_STAMP := $(VENV)/.installed-bench
+CC ?= cc
 
-.PHONY: demo test lint typecheck pytest coverage fuzz clean
+.PHONY: demo test lint typecheck pytest coverage fuzz bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+# The benchmark's peers come on top of the test tools; its C floor needs a compiler.
+$(BENCH_STAMP): $(STAMP)
+	@command -v $(CC) >/dev/null || { echo "make bench needs a C compiler ($(CC))" >&2; exit 1; }
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
 demo: $(STAMP)
@@ -44,5 +52,16 @@ fuzz: $(STAMP)
 	$(BIN)/python -m pip install --quiet atheris
 	cd tests/fuzz && ../../$(BIN)/python atheris_frames.py -max_total_time=$(FUZZ_SECONDS)
 
+# The full benchmark, about 15 minutes on 2 cores: writes docs/performance.md and .png, and
+# the raw samples to bench/results/latest.json (python -m bench --report-only redraws them).
+bench: $(BENCH_STAMP)
+	CC=$(CC) $(BIN)/python -m bench
+
+# One round with tiny counts, written to a temporary file: checks that every ratio comes out,
+# never how fast anything is.
+bench-quick: $(BENCH_STAMP)
+	@out=$$(mktemp -d) && CC=$(CC) $(BIN)/python -m bench --quick --check --out "$$out/performance.md" \
+		&& echo "bench-quick: report in $$out/performance.md"
+
 clean:
-	rm -rf $(VENV) .coverage .coverage.* .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .coverage .coverage.* .mypy_cache .ruff_cache .pytest_cache bench/build bench/results

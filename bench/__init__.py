@@ -1,0 +1,1 @@
+"""The benchmark suite of aioisolate: ``python -m bench`` (see docs/performance.md)."""
