@@ -183,11 +183,19 @@ async def test_own_process_group_and_stdin_from_dev_null() -> None:
     }
 
 
+def fd_identity(fd: int | str) -> str:
+    """What an fd points at; pipes and memory files by inode too, since their names repeat."""
+    target = os.readlink(f"/proc/self/fd/{fd}")
+    if target.startswith("anon_inode:"):
+        return target  # one shared inode for all of a kind: told apart by count below
+    return f"{target}#{os.stat(f'/proc/self/fd/{fd}').st_ino}"
+
+
 def open_fd_targets() -> list[str]:
     targets = []
     for fd in os.listdir("/proc/self/fd"):
         try:
-            targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+            targets.append(fd_identity(fd))
         except OSError:
             pass
     return targets
@@ -202,7 +210,7 @@ async def test_child_does_not_inherit_other_calls_pipes_or_pidfds(
 
     def spawn(*args: object) -> _call._Child:
         child = real_spawn(*args)  # type: ignore[arg-type]
-        own_pipe.append(os.readlink(f"/proc/self/fd/{child.reader.fd}"))
+        own_pipe.append(fd_identity(child.reader.fd))
         return child
 
     # epoll fds all read as the same link: the event loop's own are told apart by number.
@@ -211,7 +219,7 @@ async def test_child_does_not_inherit_other_calls_pipes_or_pidfds(
     async with anyio.create_task_group() as tg:
         tg.start_soon(isolated, announce_then_wait, channel, gate)  # a sibling call, running
         await channel.receive()
-        sibling_fds = {os.readlink(f"/proc/self/fd/{fd}") for fd in _call._library_fds}
+        sibling_fds = {fd_identity(fd) for fd in _call._library_fds}
         assert sibling_fds  # its read end, at least
         monkeypatch.setattr(_call, "_spawn", spawn)
         seen = await isolated(open_fd_targets)

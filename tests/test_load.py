@@ -18,7 +18,7 @@ import psutil
 import pytest
 from helpers import Channel, is_gone, one_variant, wait_until
 
-from aioisolate import ChildCrashed, IsolationError, _protocol, isolated
+from aioisolate import ChildCrashed, IsolationError, _protocol, _spill, isolated
 
 pytestmark = pytest.mark.anyio
 
@@ -140,6 +140,7 @@ async def test_cancelled_in_the_middle_of_a_500_mb_result(
             scope.cancel()  # a quarter of the way in, at most
 
     monkeypatch.setattr(_protocol.FrameReader, "read_available", read_then_cancel)
+    monkeypatch.delattr(os, "memfd_create")  # no spill file: all 500 MB through the pipe
     start = rss()
     with anyio.CancelScope() as scope:
         await isolated(bytes, 500 << 20)
@@ -205,3 +206,39 @@ async def test_100_children_killed_at_once_from_outside(channel: Channel) -> Non
     assert len(crashes) == 100
     assert {c.signal for c in crashes} == {signal.SIGKILL}
     assert sorted(c.pid for c in crashes) == sorted(pids)
+
+
+def shared_memory() -> int:
+    """Bytes of shared memory (memory files included) in use on the machine."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    raise LookupError("no Shmem line in /proc/meminfo")
+
+
+def spill_then_hang(channel: Channel) -> bytes:
+    class SealThenHang:
+        F_ADD_SEALS = 1033
+
+        def fcntl(self, fd: int, *args: int) -> int:
+            channel.send("spilled")  # 500 MB are in the spill file now
+            time.sleep(600)
+            return 0
+
+    _spill.fcntl = SealThenHang()  # type: ignore[assignment]
+    return bytes(500 << 20)
+
+
+@one_variant
+async def test_cancelled_with_a_500_mb_spill_file_written(channel: Channel) -> None:
+    before = shared_memory()
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(isolated, spill_then_hang, channel)
+            await channel.receive()
+            during = shared_memory()
+            scope.cancel()
+    # The child is gone (see no_leaks) and so is the file: its fds were all closed.
+    assert during - before > 400 << 20
+    assert shared_memory() - before < 100 << 20
