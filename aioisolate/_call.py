@@ -85,11 +85,14 @@ async def run_in_child(
     await anyio.lowlevel.checkpoint_if_cancelled()
     child = _spawn(func, args, options, mechanism)
     try:
-        with anyio.move_on_after(options.timeout) as deadline:
+        if options.timeout is None:
             await child.collect()
-        if deadline.cancelled_caught and not child.reaped:
-            child.timed_out = True
-            await child.kill_and_reap()
+        else:
+            with anyio.move_on_after(options.timeout) as deadline:
+                await child.collect()
+            if deadline.cancelled_caught and not child.reaped:
+                child.timed_out = True
+                await child.kill_and_reap()
     except BaseException:
         await child.kill_and_reap()
         raise
@@ -135,7 +138,10 @@ def _spawn(
                 spill = _platform.spill_file(_library_fds)
                 if spill is not None:
                     opened.append(spill)
-            _, anonymous_at_fork = _platform.resident_memory()
+            # The watchdog's baseline: a read of /proc, so only for calls that have one.
+            anonymous_at_fork = None
+            if options.memory_limit is not None:
+                _, anonymous_at_fork = _platform.resident_memory()
             # Blocked across fork: a signal arriving in the child before it resets the
             # handlers would run the parent's (and wake the parent's loop through its wakeup fd).
             sigmask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _ALL_SIGNALS)
@@ -246,7 +252,7 @@ class _Child:
         outputs: dict[str, Tail],
         options: Options,
         started: float,
-        anonymous_at_fork: int,
+        anonymous_at_fork: int | None,
         spill_fd: int | None = None,
     ) -> None:
         self.pid = pid
@@ -257,7 +263,8 @@ class _Child:
         self.outputs = outputs
         self.options = options
         self.started = started
-        # The parent's anonymous resident memory at fork: the child starts with this much.
+        # The parent's anonymous resident memory at fork (the child starts with this much),
+        # when a memory limit needs it.
         self.anonymous_at_fork = anonymous_at_fork
         self.killed = False  # whether we sent the child a signal
         self.ended: float | None = None
@@ -386,7 +393,7 @@ class _Child:
                 _limits.watch_memory,
                 self.pid,
                 self.options.memory_limit,
-                self.anonymous_at_fork,
+                self.anonymous_at_fork or 0,
                 self._too_big,
             )
 
@@ -546,8 +553,11 @@ class _Child:
         # ru_maxrss counts what the child had resident from the start, shared with the parent.
         # The child says how much that was; a child that died before saying is measured
         # against the anonymous memory it inherited, which fork always counts for it.
-        start = self.reader.resident_at_start
-        baseline = self.anonymous_at_fork if start is None else start
+        baseline = self.reader.resident_at_start
+        if baseline is None:
+            baseline = self.anonymous_at_fork
+        if baseline is None:
+            _, baseline = _platform.resident_memory()  # ours now: close to ours at fork
         return max(0, _platform.maxrss_bytes(rusage) - baseline)
 
     def outcome(self) -> Any:
