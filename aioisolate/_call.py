@@ -82,8 +82,7 @@ async def run_in_child(
     The report is also appended to ``reports``, on every path, cancellation included.
     """
     mechanism = _platform.select_watcher()
-    await anyio.lowlevel.checkpoint_if_cancelled()
-    child = _spawn(func, args, options, mechanism)
+    child = await spawn(func, args, options, mechanism)
     try:
         if options.timeout is None:
             await child.collect()
@@ -108,6 +107,47 @@ async def run_in_child(
         if exc.report is None:
             exc.report = report
         raise
+
+
+_fork_lock_var: anyio.lowlevel.RunVar[anyio.Lock] = anyio.lowlevel.RunVar("aioisolate.forks")
+
+
+async def spawn(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    options: Options,
+    mechanism: _platform.Mechanism,
+    *,
+    stream: bool = False,
+) -> _Child:
+    """`_spawn`, with forks paced: one per event loop at a time, each followed by a turn of the
+    loop (two when other calls are waiting to fork) before the next may start.
+
+    A fork holds the event loop for a millisecond or more (more in a big parent). When calls
+    reach it together (a fan-out starting, children ending at the same time), timers and other
+    tasks then run between two forks, and a burst never freezes the loop.
+    """
+    try:
+        forks = _fork_lock_var.get()
+    except LookupError:
+        forks = anyio.Lock(fast_acquire=True)
+        _fork_lock_var.set(forks)
+    async with forks:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        child = _spawn(func, args, options, mechanism, stream=stream)
+        try:
+            # Shielded: the child exists, and only the caller's error handling may stop it.
+            await anyio.lowlevel.cancel_shielded_checkpoint()
+            if forks.statistics().tasks_waiting:
+                await anyio.lowlevel.cancel_shielded_checkpoint()
+        except BaseException:
+            # asyncio's task.cancel() goes through shields, and trio delivers KeyboardInterrupt.
+            try:
+                await child.kill_and_reap()
+            finally:
+                child.close()
+            raise
+    return child
 
 
 def _spawn(

@@ -12,7 +12,7 @@ import anyio.lowlevel
 
 from . import _platform, _protocol
 from ._api import default_limiter
-from ._call import _spawn
+from ._call import spawn
 from ._errors import IsolationError
 from ._options import DEFAULTS, CallOptions, Options
 from ._report import CallReport
@@ -122,8 +122,7 @@ async def _items(
     borrower = object()
     await limiter.acquire_on_behalf_of(borrower)
     try:
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        child = _spawn(func, args, options, mechanism, stream=True)
+        child = await spawn(func, args, options, mechanism, stream=True)
         # On the event loop's clock (trio's is not time.monotonic()), counted from fork.
         deadline = anyio.current_time() + (math.inf if options.timeout is None else options.timeout)
         try:

@@ -114,8 +114,8 @@ async def test_cancel_right_after_fork(monkeypatch: pytest.MonkeyPatch) -> None:
     pids = []
     real_spawn = _call._spawn
 
-    def spawn_then_cancel(*args: object) -> _call._Child:
-        child = real_spawn(*args)  # type: ignore[arg-type]
+    def spawn_then_cancel(*args: object, **kwargs: object) -> _call._Child:
+        child = real_spawn(*args, **kwargs)  # type: ignore[arg-type]
         pids.append(psutil.Process(child.pid))
         scope.cancel()
         return child
@@ -169,6 +169,29 @@ async def test_task_cancel_kills_the_child(channel: Channel) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert_all_dead(*procs)
+
+
+@pytest.mark.asyncio
+async def test_task_cancel_in_the_turn_after_fork_kills_the_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # task.cancel() goes through the shield of the turn the fork waits out: the child it just
+    # made is killed and reaped there, before anything else runs.
+    procs: list[psutil.Process] = []
+    real_spawn = _call._spawn
+
+    def spawn_then_cancel_task(*args: object, **kwargs: object) -> _call._Child:
+        child = real_spawn(*args, **kwargs)  # type: ignore[arg-type]
+        procs.append(psutil.Process(child.pid))
+        task.cancel()
+        return child
+
+    monkeypatch.setattr(_call, "_spawn", spawn_then_cancel_task)
+    task = asyncio.ensure_future(isolated(time.sleep, 600))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(procs) == 1
+    assert not procs[0].is_running()  # reaped: no zombie either
 
 
 @pytest.mark.asyncio

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
+from functools import partial
 
 import anyio
+import anyio.lowlevel
 import psutil
 import pytest
 from helpers import Channel, Gate
 
-from aioisolate import ChildCrashed, Isolator, default_limiter, isolated
+from aioisolate import ChildCrashed, Isolator, _call, default_limiter, isolated
 
 pytestmark = pytest.mark.anyio
 
@@ -142,3 +145,33 @@ async def test_500_mixed_calls_leave_nothing_behind() -> None:
     assert outcomes == {"ok": 100, "error": 100, "crash": 200, "cancelled": 100}
     assert me.children() == []
     assert me.num_fds() == fds_before
+
+
+async def test_a_burst_of_forks_is_paced_one_per_turn_of_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    turns = 0
+    seen_at_fork: list[int] = []
+    real_spawn = _call._spawn
+
+    def spawn(*args: object, **kwargs: object) -> _call._Child:
+        seen_at_fork.append(turns)
+        return real_spawn(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(_call, "_spawn", spawn)
+    async with anyio.create_task_group() as ticking:
+        ticking.start_soon(count_turns)
+        await anyio.lowlevel.checkpoint()
+        async with anyio.create_task_group() as tg:
+            for _ in range(6):  # all six reach the fork in the same turn
+                tg.start_soon(partial(isolated, pow, 2, 2, limiter=anyio.CapacityLimiter(6)))
+        ticking.cancel_scope.cancel()
+    # Between two forks, the loop's other tasks had turns: never two forks back to back.
+    assert len(seen_at_fork) == 6
+    assert all(b - a >= 1 for a, b in itertools.pairwise(seen_at_fork)), seen_at_fork
