@@ -210,8 +210,8 @@ async def test_child_does_not_inherit_other_calls_pipes_or_pidfds(
     own_pipe = []
     real_spawn = _call._spawn
 
-    def spawn(*args: object) -> _call._Child:
-        child = real_spawn(*args)  # type: ignore[arg-type]
+    def spawn(*args: object, **kwargs: object) -> _call._Child:
+        child = real_spawn(*args, **kwargs)  # type: ignore[arg-type]
         own_pipe.append(fd_identity(child.reader.fd))
         return child
 
