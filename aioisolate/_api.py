@@ -89,7 +89,7 @@ async def isolated(
         *args: its positional arguments.
         **options: see `CallOptions`: ``limiter``, ``timeout``, ``memory_limit``,
             ``cpu_limit``, ``kill_grace``, ``kill_descendants``, ``stdout``, ``stderr``,
-            ``max_output``.
+            ``max_output``, ``codec``, ``max_result_size``, ``nice`` and the sandbox options.
 
     Returns:
         What ``func`` returned (or, for an async function, what its coroutine returned).

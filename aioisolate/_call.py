@@ -201,6 +201,7 @@ def _spawn(
                 sandbox=options.sandbox,
                 sandboxed=options.sandbox.active,
                 spill_fd=-1 if spill is None else spill,
+                nice=options.nice,
             )
             started = time.monotonic()
             try:

@@ -59,6 +59,7 @@ class Plan:
     sandbox: Sandbox = Sandbox()
     sandboxed: bool = False  # sandbox.active, worked out in the parent
     spill_fd: int = -1  # the call's spill file for a large result (see _spill), if any
+    nice: int = 0  # to add to the child's niceness
 
 
 def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn:
@@ -93,6 +94,10 @@ def _become_fresh_process(plan: Plan) -> int:
     _platform.die_with_parent()
     if os.getppid() != plan.parent_pid:
         os._exit(EXIT_INTERNAL)  # the parent died before the line above took effect
+    if plan.nice:
+        # Below the parent: its event loop gets a CPU as soon as it wakes (and so does each
+        # fork it makes), however busy the children keep them.
+        os.nice(plan.nice)
 
     _reset_signal_handlers()
     # Signals were blocked across fork so that none could run a parent's handler here; with the

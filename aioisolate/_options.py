@@ -50,6 +50,11 @@ class CallOptions(TypedDict, total=False):
         max_result_size: the largest result (each item, for a stream) the parent accepts, in
             bytes or as a string; a child that announces more is killed. Default: no limit
             with ``"pickle"``, 256 MiB with any other codec.
+        nice: how much lower than the parent's the child's CPU priority is (an ``os.nice``
+            increment, 0 to 19). Default 10: when the CPUs are busy, the event loop gets one
+            as soon as it wakes, and so stays responsive while children compute; when they
+            are idle, the children get all of them all the same. 0 runs the child at the
+            parent's priority.
 
     Sandbox options, all off by default (see docs/security.md for what each protects):
 
@@ -82,6 +87,7 @@ class CallOptions(TypedDict, total=False):
     max_output: int | str
     codec: CodecName | Codec
     max_result_size: int | str | None
+    nice: int
     close_fds: bool
     pass_fds: Iterable[int]
     no_new_privs: bool
@@ -110,6 +116,7 @@ class Options:
     max_output: int = 1 << 20
     codec: Codec = PICKLE
     max_result_size: int | None = None
+    nice: int = 10
     sandbox: Sandbox = Sandbox()
 
     @property
@@ -146,6 +153,14 @@ class Options:
             o["max_result_size"] = parse_size("max_result_size", o["max_result_size"])
         if "codec" in o:
             o["codec"] = resolve_codec(o["codec"])
+        if "nice" in o:
+            nice = o["nice"]
+            if isinstance(nice, bool) or not isinstance(nice, int):
+                raise TypeError(f"nice must be an int from 0 to 19, not {nice!r}")
+            if not 0 <= nice <= 19:
+                raise ValueError(
+                    f"nice must be from 0 (the parent's priority) to 19 (the lowest), not {nice}"
+                )
         sandbox: dict[str, Any] = {name: o.pop(name) for name in _SANDBOX_OPTIONS if name in o}
         if sandbox:
             o["sandbox"] = _check_sandbox(self.sandbox, sandbox)

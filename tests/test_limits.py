@@ -24,6 +24,7 @@ from aioisolate import (
     ChildCrashed,
     CPULimitExceeded,
     IsolationTimeout,
+    Isolator,
     MemoryLimitExceeded,
     isolated,
     isolated_with_report,
@@ -334,3 +335,25 @@ async def test_kill_grace_does_not_block_the_loop(channel: Channel) -> None:
         outer.cancel_scope.cancel()
     assert len(gaps) > 20  # it ticked all through the grace
     assert max(gaps) < 0.25
+
+
+def niceness() -> int:
+    return os.nice(0)
+
+
+async def test_children_run_below_the_parents_priority() -> None:
+    mine = os.nice(0)
+    assert await isolated(niceness) == min(mine + 10, 19)  # the default
+    assert await isolated(niceness, nice=3) == min(mine + 3, 19)
+    assert await isolated(niceness, nice=0) == mine
+    async with Isolator(nice=0) as iso:
+        assert await iso.run(niceness) == mine
+
+
+@pytest.mark.parametrize(
+    ("nice", "error"),
+    [(-1, ValueError), (20, ValueError), (1.5, TypeError), (True, TypeError), ("5", TypeError)],
+)
+async def test_bad_nice_is_refused_before_fork(nice: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="nice must be"):
+        await isolated(niceness, nice=nice)  # type: ignore[arg-type]
