@@ -28,6 +28,7 @@ import threading
 from typing import Final, Literal, Protocol
 
 import anyio
+import anyio.lowlevel
 
 Mechanism = Literal["pidfd", "thread"]
 
@@ -195,10 +196,34 @@ def watch(pid: int, mechanism: Mechanism, registry: set[int]) -> ChildWatcher:
     """A watcher for a child just forked. Raises OSError (out of fds, say) if none can be
     made; the caller then kills and reaps the child without one."""
     if mechanism == "pidfd":
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            # Not even a zombie: the child exited at once and something else reaped it (a
+            # stray waitpid(-1), or SIGCHLD set to SIG_IGN). What it wrote is in the pipe.
+            return GoneWatcher(pid)
         registry.add(pidfd)
         return PidfdWatcher(pid, pidfd, registry)
     return ThreadWatcher(pid, registry)
+
+
+class GoneWatcher:
+    """The watcher of a child that was reaped by someone else before it could be watched."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    async def wait_exited(self) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    def fileno(self) -> int:
+        raise OSError(errno.ESRCH, "the child is gone: it has no pidfd")
+
+    def send_signal(self, sig: int) -> None:
+        pass  # gone, and its pid may be another process's by now
+
+    def close(self) -> None:
+        pass
 
 
 def spill_file(registry: set[int]) -> int | None:

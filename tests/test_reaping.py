@@ -15,7 +15,7 @@ import anyio
 import psutil
 import pytest
 
-from aioisolate import ChildCrashed, IsolationError, _platform, isolated
+from aioisolate import ChildCrashed, IsolationError, _platform, isolated, isolated_with_report
 
 pytestmark = pytest.mark.anyio
 
@@ -177,3 +177,22 @@ async def test_asyncio_subprocesses_beside_isolated_calls() -> None:
         *(asyncio.to_thread(blocking_subprocess, i + 10) for i in range(2)),
     )
     assert results == [0, 1, 2, 3, 0, 1, 4, 9, 10, 11]
+
+
+async def test_a_child_reaped_by_someone_else_before_it_is_watched(
+    monkeypatch: pytest.MonkeyPatch, child_watcher: str
+) -> None:
+    # The child exits at once and a stray waitpid(-1) takes it before the parent opens its
+    # pidfd: the result is in the pipe all the same; the exit status is unknown.
+    if child_watcher != "pidfd":
+        pytest.skip("the thread watcher's waitid() takes a reaped child as exited already")
+    real_open = os.pidfd_open
+
+    def reaped_first(pid: int, flags: int = 0) -> int:
+        os.waitpid(pid, 0)  # as a stray reaper would
+        return real_open(pid, flags)  # ProcessLookupError: not even a zombie now
+
+    monkeypatch.setattr(os, "pidfd_open", reaped_first)
+    value, report = await isolated_with_report(pow, 3, 2)
+    assert value == 9
+    assert report.exitcode is None
