@@ -48,9 +48,10 @@ from ._options import Options
 from ._output import Tail
 from ._report import CallReport
 
-# Held from creating a pipe to closing its write end in the parent, so that a fork from another
-# event-loop thread cannot copy a write end that is not its own.
-_fork_lock = threading.Lock()
+# Held from creating a pipe to closing its write end in the parent, and around creating and
+# closing every other fd of ours, so that a fork from another event-loop thread cannot copy an
+# fd that is not its own, or one missing from _library_fds. Reentrant: _spawn closes fds too.
+_fork_lock = threading.RLock()
 
 # signal.pthread_sigmask() turns each signal number into an enum member, which for all of them
 # costs a tenth of a millisecond on every call: the raw _signal functions do not.
@@ -64,7 +65,7 @@ def _after_fork_in_child() -> None:
     global _fork_lock
     # The forking thread held the lock; in the child it must be usable again (for nested
     # isolated calls). The fds are closed by the child itself; forget them here.
-    _fork_lock = threading.Lock()
+    _fork_lock = threading.RLock()
     _library_fds.clear()
 
 
@@ -84,6 +85,7 @@ async def run_in_child(
     mechanism = _platform.select_watcher()
     child = await spawn(func, args, options, mechanism)
     try:
+        await child.pace()
         if options.timeout is None:
             await child.collect()
         else:
@@ -120,8 +122,9 @@ async def spawn(
     *,
     stream: bool = False,
 ) -> _Child:
-    """`_spawn`, with forks paced: one per event loop at a time, each followed by a turn of the
-    loop (two when other calls are waiting to fork) before the next may start.
+    """`_spawn`, with forks paced: one per event loop at a time, and the new child holds the
+    event loop's fork lock until its caller's `_Child.pace` (called first thing inside the
+    caller's kill-and-reap protection) has let the loop turn.
 
     A fork holds the event loop for a millisecond or more (more in a big parent). When calls
     reach it together (a fan-out starting, children ending at the same time), timers and other
@@ -132,21 +135,14 @@ async def spawn(
     except LookupError:
         forks = anyio.Lock(fast_acquire=True)
         _fork_lock_var.set(forks)
-    async with forks:
+    await forks.acquire()
+    try:
         await anyio.lowlevel.checkpoint_if_cancelled()
         child = _spawn(func, args, options, mechanism, stream=stream)
-        try:
-            # Shielded: the child exists, and only the caller's error handling may stop it.
-            await anyio.lowlevel.cancel_shielded_checkpoint()
-            if forks.statistics().tasks_waiting:
-                await anyio.lowlevel.cancel_shielded_checkpoint()
-        except BaseException:
-            # asyncio's task.cancel() goes through shields, and trio delivers KeyboardInterrupt.
-            try:
-                await child.kill_and_reap()
-            finally:
-                child.close()
-            raise
+    except BaseException:
+        forks.release()
+        raise
+    child.fork_turn = forks
     return child
 
 
@@ -202,6 +198,7 @@ def _spawn(
                 sandboxed=options.sandbox.active,
                 spill_fd=-1 if spill is None else spill,
                 nice=options.nice,
+                result_limit=options.result_limit,
             )
             started = time.monotonic()
             try:
@@ -317,11 +314,25 @@ class _Child:
         self.timed_out = False
         self.exited = False  # seen to exit by a stream's wait, not yet reaped
         self.memory_seen: int | None = None  # set when the watchdog killed the child
+        self.fork_turn: anyio.Lock | None = None  # the loop's fork lock, until `pace`
+
+    async def pace(self) -> None:
+        """Let the event loop turn once after this fork (twice if other calls wait to fork),
+        then let the next fork go. Call it inside the protection that kills and reaps."""
+        forks, self.fork_turn = self.fork_turn, None
+        if forks is not None:
+            try:
+                await anyio.lowlevel.checkpoint()
+                if forks.statistics().tasks_waiting:
+                    await anyio.lowlevel.checkpoint()
+            finally:
+                forks.release()
 
     async def collect(self) -> None:
         """Read the result while waiting for the child to exit; return once it is reaped."""
         tails = {tail.fd: tail for tail in self.outputs.values()}
-        ready = _platform.ready_set(self.watcher, [self.reader.fd, *tails], _library_fds)
+        with _fork_lock:
+            ready = _platform.ready_set(self.watcher, [self.reader.fd, *tails], _library_fds)
         if ready is None:
             await self._collect_with_tasks()
         else:
@@ -334,7 +345,8 @@ class _Child:
                         await self._collect_ready(ready, tails)
                         tg.cancel_scope.cancel()
             finally:
-                ready.close()
+                with _fork_lock:
+                    ready.close()
         # All the child wrote is in the pipes now. Take it without waiting for EOF, which a
         # descendant that left the process group could postpone for ever.
         self._read_available()
@@ -347,11 +359,14 @@ class _Child:
         if self.spill_fd is None:
             self.protocol_error = IsolationError("the child sent a spilled result unasked")
             return
+        assert self.reader.payload is not None
         try:
-            self.spilled = _spill.take(self.spill_fd, self.options.result_limit)
+            self.spilled = _spill.take(
+                self.spill_fd, self.reader.payload, self.options.result_limit
+            )
         except IsolationError as exc:
             self.protocol_error = exc
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # mmap: out of memory, or a file that shrank
             self.protocol_error = IsolationError(
                 f"the child's spilled result could not be mapped in the parent: {exc}"
             )
@@ -560,6 +575,9 @@ class _Child:
             tg.cancel_scope.cancel()
 
     def close(self) -> None:
+        if self.fork_turn is not None:  # failed before `pace`
+            self.fork_turn.release()
+            self.fork_turn = None
         if not self.reader.complete:
             self.reader.reset()  # a half-read result (up to its full size) goes now, not at GC
         for fd in [self.reader.fd, *(tail.fd for tail in self.outputs.values())]:
@@ -567,7 +585,8 @@ class _Child:
             _close(fd)
         if self.spill_fd is not None:
             _close(self.spill_fd)  # its mapping, if any, lives on
-        self.watcher.close()
+        with _fork_lock:
+            self.watcher.close()
 
     def report(self) -> CallReport:
         exitcode, sig = _exit_fields(self.waited)
@@ -736,8 +755,9 @@ def _loop_kind() -> _child.LoopKind:
 
 
 def _close(fd: int) -> None:
-    _library_fds.discard(fd)
-    os.close(fd)
+    with _fork_lock:
+        _library_fds.discard(fd)
+        os.close(fd)
 
 
 def _cannot_start(exc: OSError) -> IsolationError:

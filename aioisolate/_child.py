@@ -60,6 +60,7 @@ class Plan:
     sandboxed: bool = False  # sandbox.active, worked out in the parent
     spill_fd: int = -1  # the call's spill file for a large result (see _spill), if any
     nice: int = 0  # to add to the child's niceness
+    result_limit: int | None = None  # max_result_size: a larger result is not spilled
 
 
 def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn:
@@ -237,7 +238,7 @@ def _call(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> list[b
     except BaseException as exc:
         return _protocol.encode_error(exc, plan.codec)
     try:
-        return _protocol.encode_result(result, plan.codec, plan.spill_fd)
+        return _protocol.encode_result(result, plan.codec, plan.spill_fd, plan.result_limit)
     except Exception as exc:
         return _protocol.encode_unpicklable_result(result, exc)
 
@@ -245,8 +246,11 @@ def _call(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> list[b
 def _is_awaitable(value: object) -> bool:
     # What inspect.isawaitable says, without its ABC check: every object the child touches is
     # a page copied, and the ABC machinery touches many (0.1 ms a call).
-    if isinstance(value, types.CoroutineType) or hasattr(type(value), "__await__"):
+    if isinstance(value, types.CoroutineType):
         return True
+    for cls in type(value).__mro__:  # as collections.abc.Awaitable looks for __await__
+        if "__await__" in vars(cls):
+            return vars(cls)["__await__"] is not None
     return isinstance(value, types.GeneratorType) and bool(
         value.gi_code.co_flags & inspect.CO_ITERABLE_COROUTINE
     )

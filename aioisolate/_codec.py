@@ -78,8 +78,8 @@ def _is_plain(value: object, budget: int = 64) -> bool:
         kind = type(item)
         if kind in _PLAIN_SCALARS:
             continue
-        if kind not in _PLAIN_CONTAINERS:
-            return False
+        if kind not in _PLAIN_CONTAINERS or len(item) > budget:
+            return False  # the length first: a large container is not copied to be looked at
         if kind is dict:
             pending.extend(item.keys())
             pending.extend(item.values())

@@ -54,13 +54,15 @@ _CHUNK: Final = 1 << 20
 _TURN: Final = 16 << 20
 
 
-def encode_result(value: object, codec: Codec, spill_fd: int = -1) -> list[bytes]:
+def encode_result(
+    value: object, codec: Codec, spill_fd: int = -1, limit: int | None = None
+) -> list[bytes]:
     """The frame for a return value, as buffers to write in order (no copy of the payload).
 
     With the pickle codec and a spill file, large buffers of the value go into the file.
     """
     if spill_fd >= 0 and codec is PICKLE:
-        data, table = _spill.dump(value, spill_fd)
+        data, table = _spill.dump(value, spill_fd, limit)
         if table is not None:
             return [HEADER.pack(MAGIC, VERSION, SPILLED, len(table) + len(data)), table, data]
         payload = data

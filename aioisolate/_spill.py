@@ -52,10 +52,13 @@ class _Whole:
         return type(self.value), (pickle.PickleBuffer(self.value),)
 
 
-def dump(value: object, fd: int) -> tuple[bytes, bytes | None]:
+def dump(value: object, fd: int, limit: int | None = None) -> tuple[bytes, bytes | None]:
     """In the child: pickle ``value``, writing its large buffers into the file ``fd`` and
     sealing it. Returns the pickle and the table of buffers, or the pickle and None when
-    nothing was spilled (the pickle then reads without any file)."""
+    nothing was spilled (the pickle then reads without any file).
+
+    A result over ``limit`` bytes in all writes nothing to the file: its table is enough for
+    the parent to refuse it (see `take`)."""
     if type(value) in (bytes, bytearray) and len(value) >= SPILL_MIN:  # type: ignore[arg-type]
         value = _Whole(value)  # type: ignore[arg-type]
     buffers: list[memoryview] = []
@@ -75,12 +78,15 @@ def dump(value: object, fd: int) -> tuple[bytes, bytes | None]:
         return data, None
     table = [_COUNT.pack(len(buffers))]
     offset = 0
+    for raw in buffers:
+        offset = -(-offset // _ALIGN) * _ALIGN
+        table.append(_ENTRY.pack(offset, raw.nbytes))
+        offset += raw.nbytes
+    if limit is not None and len(data) + sum(raw.nbytes for raw in buffers) > limit:
+        return data, b"".join(table)
     try:
-        for raw in buffers:
-            offset = -(-offset // _ALIGN) * _ALIGN
-            _write_at(fd, raw, offset)
-            table.append(_ENTRY.pack(offset, raw.nbytes))
-            offset += raw.nbytes
+        for raw, entry in zip(buffers, table[1:], strict=True):
+            _write_at(fd, raw, _ENTRY.unpack(entry)[0])
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)  # type: ignore[attr-defined,unused-ignore]
     except OSError:
         # No memory for the file: the pipe carries it all, as for any other result.
@@ -95,22 +101,38 @@ def _write_at(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
-def take(fd: int, limit: int | None) -> mmap.mmap | None:
-    """In the parent, once the child is gone: map the file the child spilled into (None if
-    it is empty). Raises `IsolationError` for a file that is not sealed or over ``limit``."""
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return None
-    if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
-        raise IsolationError("the child left its result file unsealed; it was not read")
-    if limit is not None and size > limit:
+def take(fd: int, payload: bytes | bytearray, limit: int | None) -> mmap.mmap | None:
+    """In the parent, once the child is gone: map the file the child spilled into (None if the
+    table lists no buffer). Raises `IsolationError` for a result over ``limit`` (the pickle and
+    the buffers together), a file that is not sealed, or a table that lies about it."""
+    table = _table(payload)
+    total = len(payload) + sum(length for _, length in table)
+    if limit is not None and total > limit:
         raise IsolationError(
-            f"the child spilled {size} bytes of result, more than max_result_size={limit}; "
+            f"the child spilled {total} bytes of result, more than max_result_size={limit}; "
             "raise the limit if that is expected"
         )
+    if not table:
+        return None
+    # The seals first: once they are on, the size read next can no longer change.
+    if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:  # type: ignore[attr-defined,unused-ignore]
+        raise IsolationError("the child left its result file unsealed; it was not read")
+    size = os.fstat(fd).st_size
+    if any(offset + length > size for offset, length in table):
+        raise IsolationError("the child's spill table points beyond the end of the file")
     # Private and writable: the arrays built on it are writable, as unpickled arrays are, and
     # a write copies only the page it touches.
     return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def _table(payload: bytes | bytearray) -> list[tuple[int, int]]:
+    view = memoryview(payload)
+    if len(view) < _COUNT.size:
+        raise IsolationError("the child sent a spilled result without its table")
+    (count,) = _COUNT.unpack_from(view)
+    if _COUNT.size + count * _ENTRY.size > len(view):
+        raise IsolationError("the child sent a spill table longer than its frame")
+    return [_ENTRY.unpack_from(view, _COUNT.size + i * _ENTRY.size) for i in range(count)]
 
 
 def load(payload: bytes | bytearray, spilled: mmap.mmap | None) -> Any:

@@ -126,6 +126,7 @@ async def _items(
         # On the event loop's clock (trio's is not time.monotonic()), counted from fork.
         deadline = anyio.current_time() + (math.inf if options.timeout is None else options.timeout)
         try:
+            await child.pace()
             while True:
                 if not child.frame_ready():
                     with anyio.move_on_at(deadline) as waiting:

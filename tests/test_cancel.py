@@ -192,6 +192,9 @@ async def test_task_cancel_in_the_turn_after_fork_kills_the_child(
         await task
     assert len(procs) == 1
     assert not procs[0].is_running()  # reaped: no zombie either
+    monkeypatch.undo()
+    async with asyncio.timeout(30):
+        assert await isolated(pow, 2, 3) == 8  # the next fork was let go
 
 
 @pytest.mark.asyncio

@@ -24,8 +24,8 @@ def spills(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     mapped: list[int] = []
     real_take = _spill.take
 
-    def take(fd: int, limit: int | None) -> mmap.mmap | None:
-        spilled = real_take(fd, limit)
+    def take(fd: int, payload: bytes | bytearray, limit: int | None) -> mmap.mmap | None:
+        spilled = real_take(fd, payload, limit)
         if spilled is not None:
             mapped.append(len(spilled))
         return spilled
@@ -70,6 +70,11 @@ async def test_numpy_arrays_are_built_on_the_mapped_file(spills: list[int]) -> N
     assert value.flags.writeable  # as an unpickled array is
     value[0, 0] = -1  # a private copy of that page: nothing else sees it
     assert spills == [BIG]
+    # No copy: the array's memory is the mapping itself.
+    owner: object = value
+    while not isinstance(owner, mmap.mmap):
+        owner = owner.obj if isinstance(owner, memoryview) else owner.base  # type: ignore[attr-defined]
+        assert owner is not None
     assert report.result_bytes >= BIG
 
 
@@ -101,8 +106,22 @@ async def test_without_memfds_everything_takes_the_pipe(
 
 
 async def test_a_spill_over_max_result_size_is_refused() -> None:
-    with pytest.raises(IsolationError, match="spilled 4194304 bytes.*max_result_size=1048576"):
+    with pytest.raises(IsolationError, match=r"spilled 41943\d\d bytes.*max_result_size=1048576"):
         await isolated(big_bytes, max_result_size="1MiB")
+
+
+def two_halves() -> list[object]:
+    # Each part under the limit, the two together over it.
+    return [numpy.ones(700 << 10, dtype=numpy.uint8), numpy.ones(700 << 10, dtype=numpy.uint8)]
+
+
+async def test_max_result_size_counts_the_pickle_and_the_buffers_together(
+    spills: list[int],
+) -> None:
+    with pytest.raises(IsolationError, match="max_result_size=1048576") as info:
+        await isolated(two_halves, max_result_size="1MiB")
+    assert info.value.report is not None
+    assert spills == []  # refused from the table: the child wrote nothing to the file
 
 
 def unsealed() -> bytes:
@@ -124,8 +143,8 @@ async def test_an_unsealed_spill_file_is_not_read() -> None:
 def lying_table() -> bytes:
     real_dump = _spill.dump
 
-    def dump(value: object, fd: int) -> tuple[bytes, bytes | None]:
-        data, _ = real_dump(value, fd)
+    def dump(value: object, fd: int, limit: int | None) -> tuple[bytes, bytes | None]:
+        data, _ = real_dump(value, fd, limit)
         return data, struct.pack(">IQQ", 1, 0, 1 << 40)  # a buffer far beyond the file
 
     _spill.dump = dump  # type: ignore[assignment]
@@ -133,7 +152,7 @@ def lying_table() -> bytes:
 
 
 async def test_a_table_pointing_past_the_file_is_refused() -> None:
-    with pytest.raises(IsolationError, match="beyond the end of the file"):
+    with pytest.raises(IsolationError, match="points beyond the end of the file"):
         await isolated(lying_table)
 
 
