@@ -26,7 +26,6 @@ import os
 import resource
 import signal
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -35,7 +34,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from . import _child, _limits, _platform, _protocol, _spill
+from . import _child, _fds, _limits, _platform, _protocol, _spill
 from ._codec import PICKLE
 from ._errors import (
     ChildCrashed,
@@ -48,28 +47,9 @@ from ._options import Options
 from ._output import Tail
 from ._report import CallReport
 
-# Held from creating a pipe to closing its write end in the parent, and around creating and
-# closing every other fd of ours, so that a fork from another event-loop thread cannot copy an
-# fd that is not its own, or one missing from _library_fds. Reentrant: _spawn closes fds too.
-_fork_lock = threading.RLock()
-
 # signal.pthread_sigmask() turns each signal number into an enum member, which for all of them
 # costs a tenth of a millisecond on every call: the raw _signal functions do not.
 _ALL_SIGNALS = _signal.valid_signals()
-
-# Every fd this module holds open: each child closes them all, since they are other calls'.
-_library_fds: set[int] = set()
-
-
-def _after_fork_in_child() -> None:
-    global _fork_lock
-    # The forking thread held the lock; in the child it must be usable again (for nested
-    # isolated calls). The fds are closed by the child itself; forget them here.
-    _fork_lock = threading.RLock()
-    _library_fds.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 async def run_in_child(
@@ -160,18 +140,18 @@ def _spawn(
     pid = -1
     opened: list[int] = []  # fds of ours not yet handed to a _Child, closed if anything fails
     watcher: _platform.ChildWatcher | None = None
-    with _fork_lock:
+    with _fds.lock:
         try:
             pipes: dict[str, tuple[int, int]] = {}
             for name in ("result", "stdout", "stderr"):
                 if name == "result" or getattr(options, name) == "capture":
                     pipes[name] = os.pipe2(os.O_CLOEXEC)
                     opened.extend(pipes[name])
-                    _library_fds.update(pipes[name])
+                    _fds.library_fds.update(pipes[name])
             write_ends = [w for _, w in pipes.values()]
             spill = None
             if not stream and options.codec is PICKLE:
-                spill = _platform.spill_file(_library_fds)
+                spill = _platform.spill_file(_fds.library_fds)
                 if spill is not None:
                     opened.append(spill)
             # The watchdog's baseline: a read of /proc, so only for calls that have one.
@@ -184,7 +164,7 @@ def _spawn(
             plan = _child.Plan(
                 write_fd=pipes["result"][1],
                 # Listed now: the at-fork hook empties the set in the child.
-                inherited_fds=list(_library_fds.difference(write_ends, [spill])),
+                inherited_fds=list(_fds.library_fds.difference(write_ends, [spill])),
                 sigmask=sigmask,
                 parent_pid=parent_pid,
                 loop_kind=loop_kind,
@@ -214,14 +194,14 @@ def _spawn(
                 _signal.pthread_sigmask(_signal.SIG_SETMASK, sigmask)
             for fd in write_ends:
                 opened.remove(fd)
-                _close(fd)
+                _fds.close(fd)
             try:
                 # The child does this too; whichever runs first, the group exists before we
                 # return, so a kill sent right away still reaches the child's descendants.
                 os.setpgid(pid, pid)
             except OSError:
                 pass
-            watcher = _platform.watch(pid, mechanism, _library_fds)
+            watcher = _platform.watch(pid, mechanism, _fds.library_fds)
             for fd in opened:
                 os.set_blocking(fd, False)
             return _Child(
@@ -265,7 +245,7 @@ def _undo_spawn(pid: int, opened: list[int], watcher: _platform.ChildWatcher | N
     if watcher is not None:
         watcher.close()
     for fd in opened:
-        _close(fd)
+        _fds.close(fd)
 
 
 def _flush_parent_stdio() -> None:
@@ -331,8 +311,8 @@ class _Child:
     async def collect(self) -> None:
         """Read the result while waiting for the child to exit; return once it is reaped."""
         tails = {tail.fd: tail for tail in self.outputs.values()}
-        with _fork_lock:
-            ready = _platform.ready_set(self.watcher, [self.reader.fd, *tails], _library_fds)
+        with _fds.lock:
+            ready = _platform.ready_set(self.watcher, [self.reader.fd, *tails], _fds.library_fds)
         if ready is None:
             await self._collect_with_tasks()
         else:
@@ -345,7 +325,7 @@ class _Child:
                         await self._collect_ready(ready, tails)
                         tg.cancel_scope.cancel()
             finally:
-                with _fork_lock:
+                with _fds.lock:
                     ready.close()
         # All the child wrote is in the pipes now. Take it without waiting for EOF, which a
         # descendant that left the process group could postpone for ever.
@@ -582,10 +562,10 @@ class _Child:
             self.reader.reset()  # a half-read result (up to its full size) goes now, not at GC
         for fd in [self.reader.fd, *(tail.fd for tail in self.outputs.values())]:
             anyio.notify_closing(fd)
-            _close(fd)
+            _fds.close(fd)
         if self.spill_fd is not None:
-            _close(self.spill_fd)  # its mapping, if any, lives on
-        with _fork_lock:
+            _fds.close(self.spill_fd)  # its mapping, if any, lives on
+        with _fds.lock:
             self.watcher.close()
 
     def report(self) -> CallReport:
@@ -752,12 +732,6 @@ def _loop_kind() -> _child.LoopKind:
     except RuntimeError:
         return "trio"  # anyio runs on asyncio or trio
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
-
-
-def _close(fd: int) -> None:
-    with _fork_lock:
-        _library_fds.discard(fd)
-        os.close(fd)
 
 
 def _cannot_start(exc: OSError) -> IsolationError:

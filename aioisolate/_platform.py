@@ -101,7 +101,7 @@ class ThreadWatcher:
     def __init__(self, pid: int, registry: set[int]) -> None:
         self.pid = pid
         self.fd, self._write_fd = os.pipe2(os.O_CLOEXEC)
-        # Registered so that children forked meanwhile close them (see _call._library_fds).
+        # Registered so that children forked meanwhile close them (see _fds.library_fds).
         registry.update((self.fd, self._write_fd))
         self._registry = registry
         self._thread = threading.Thread(

@@ -21,7 +21,7 @@ import trio
 import trio.lowlevel
 from helpers import Channel, Gate, is_gone, wait_until
 
-from aioisolate import _call, isolated
+from aioisolate import _call, _fds, isolated
 
 BACKEND_ARGS = {"asyncio": "asyncio", "uvloop": "uvloop", "trio": "trio"}
 
@@ -221,7 +221,7 @@ async def test_child_does_not_inherit_other_calls_pipes_or_pidfds(
     async with anyio.create_task_group() as tg:
         tg.start_soon(isolated, announce_then_wait, channel, gate)  # a sibling call, running
         await channel.receive()
-        sibling_fds = {fd_identity(fd) for fd in _call._library_fds}
+        sibling_fds = {fd_identity(fd) for fd in _fds.library_fds}
         assert sibling_fds  # its read end, at least
         monkeypatch.setattr(_call, "_spawn", spawn)
         seen = await isolated(open_fd_targets)
