@@ -12,6 +12,8 @@ from ._errors import IsolationTimeout as IsolationTimeout
 from ._errors import MemoryLimitExceeded as MemoryLimitExceeded
 from ._errors import RemoteError as RemoteError
 from ._errors import RemoteTraceback as RemoteTraceback
+from ._errors import ThreadedForkWarning as ThreadedForkWarning
+from ._errors import ZygoteDied as ZygoteDied
 from ._map import MapProgress as MapProgress
 from ._map import MapResults as MapResults
 from ._options import CallOptions as CallOptions
@@ -21,6 +23,7 @@ from ._stream import ItemStream as ItemStream
 from ._stream import isolated_iter as isolated_iter
 from ._wrap import isolate as isolate
 from ._wrap import run_isolated as run_isolated
+from ._zygote import Zygote as Zygote
 
 __version__ = "0.1.0.dev0"
 
@@ -38,6 +41,9 @@ __all__ = [
     "MemoryLimitExceeded",
     "RemoteError",
     "RemoteTraceback",
+    "ThreadedForkWarning",
+    "Zygote",
+    "ZygoteDied",
     "default_limiter",
     "isolate",
     "isolated",

@@ -15,6 +15,7 @@ from ._errors import IsolationError
 from ._map import MapProgress, MapResults
 from ._options import DEFAULTS, CallOptions, Options
 from ._report import CallReport
+from ._zygote import Zygote
 
 if TYPE_CHECKING:
     from typing import Self, TypeVarTuple, Unpack
@@ -254,17 +255,47 @@ class Isolator:
     It takes the options of `isolated` (see `CallOptions`); ``run`` and ``run_with_report``
     take them too, and override the isolator's for that call. Leaving the ``async with`` block
     kills and reaps every child still running from it; those calls raise `IsolationError`.
+
+    Args:
+        mode: ``"fork"`` (the default): each child is forked from this process, and inherits
+            the function and its arguments without pickling. ``"zygote"``: the isolator starts
+            a `Zygote` helper when it opens (and ends it when it closes), and each child is
+            forked from that small helper instead: the cost of a call no longer depends on this
+            process's size or threads, and the function and arguments travel by pickle.
+        preload: with ``mode="zygote"``, modules for the helper to import as it starts.
+        **options: the options of `isolated`, for every call.
     """
 
-    def __init__(self, **options: Unpack[CallOptions]) -> None:
+    def __init__(
+        self,
+        *,
+        mode: Literal["fork", "zygote"] = "fork",
+        preload: Iterable[str] = (),
+        **options: Unpack[CallOptions],
+    ) -> None:
+        if mode not in ("fork", "zygote"):
+            raise ValueError(f"mode must be 'fork' or 'zygote', not {mode!r}")
+        if mode == "zygote" and options.get("zygote") is not None:
+            raise ValueError("mode='zygote' starts a zygote of its own: leave out zygote=")
+        if mode == "fork" and preload:
+            raise ValueError("preload= is for mode='zygote' (a fork-mode child has it all)")
         self._options = DEFAULTS.merge(options)
+        self._own_zygote = Zygote(preload=preload) if mode == "zygote" else None
         self._state = "new"
         self._running: set[anyio.CancelScope] = set()
         self._idle: anyio.Event | None = None
 
+    @property
+    def zygote(self) -> Zygote | None:
+        """The isolator's own `Zygote` with ``mode="zygote"`` (open while the isolator is)."""
+        return self._own_zygote
+
     async def __aenter__(self) -> Self:
         if self._state != "new":
             raise RuntimeError("an Isolator can be entered only once")
+        if self._own_zygote is not None:
+            await self._own_zygote.__aenter__()
+            self._options = self._options.merge({"zygote": self._own_zygote})
         self._state = "open"
         return self
 
@@ -275,6 +306,13 @@ class Isolator:
         tb: TracebackType | None,
     ) -> None:
         self._state = "closed"
+        try:
+            await self._end_calls()
+        finally:
+            if self._own_zygote is not None:
+                await self._own_zygote.aclose()
+
+    async def _end_calls(self) -> None:
         for scope in self._running:
             scope.cancel()
         if not self._running:

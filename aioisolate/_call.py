@@ -19,14 +19,16 @@ Captured stdout/stderr and the memory watchdog run beside the reader in step 2.
 from __future__ import annotations
 
 import _signal
-import asyncio
 import contextlib
+import fcntl
 import mmap
 import os
 import resource
 import signal
 import sys
+import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -34,7 +36,7 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from . import _child, _fds, _limits, _platform, _protocol, _spill
+from . import _child, _fds, _limits, _platform, _protocol, _spill, _zygote, _zygote_main
 from ._codec import PICKLE
 from ._errors import (
     ChildCrashed,
@@ -42,6 +44,7 @@ from ._errors import (
     IsolationError,
     IsolationTimeout,
     MemoryLimitExceeded,
+    ThreadedForkWarning,
 )
 from ._options import Options
 from ._output import Tail
@@ -110,6 +113,8 @@ async def spawn(
     reach it together (a fan-out starting, children ending at the same time), timers and other
     tasks then run between two forks, and a burst never freezes the loop.
     """
+    if options.zygote is not None:
+        return await _spawn_in_zygote(options.zygote, func, args, options, stream=stream)
     try:
         forks = _fork_lock_var.get()
     except LookupError:
@@ -134,7 +139,7 @@ def _spawn(
     *,
     stream: bool = False,
 ) -> _Child:
-    loop_kind = _loop_kind()
+    loop_kind = _child.current_loop_kind()
     parent_pid = os.getpid()
     _flush_parent_stdio()
     pid = -1
@@ -142,18 +147,8 @@ def _spawn(
     watcher: _platform.ChildWatcher | None = None
     with _fds.lock:
         try:
-            pipes: dict[str, tuple[int, int]] = {}
-            for name in ("result", "stdout", "stderr"):
-                if name == "result" or getattr(options, name) == "capture":
-                    pipes[name] = os.pipe2(os.O_CLOEXEC)
-                    opened.extend(pipes[name])
-                    _fds.library_fds.update(pipes[name])
+            pipes, spill = _open_pipes(options, stream, opened)
             write_ends = [w for _, w in pipes.values()]
-            spill = None
-            if not stream and options.codec is PICKLE:
-                spill = _platform.spill_file(_fds.library_fds)
-                if spill is not None:
-                    opened.append(spill)
             # The watchdog's baseline: a read of /proc, so only for calls that have one.
             anonymous_at_fork = None
             if options.memory_limit is not None:
@@ -182,7 +177,7 @@ def _spawn(
             )
             started = time.monotonic()
             try:
-                pid = os.fork()
+                pid = _fork()
                 if pid == 0:
                     try:
                         _child.run(func, args, plan)
@@ -202,27 +197,194 @@ def _spawn(
             except OSError:
                 pass
             watcher = _platform.watch(pid, mechanism, _fds.library_fds)
-            for fd in opened:
-                os.set_blocking(fd, False)
-            return _Child(
-                pid,
-                watcher,
-                _protocol.FrameReader(pipes["result"][0], max_size=options.result_limit),
-                {
-                    name: Tail(pipes[name][0], options.max_output)
-                    for name in ("stdout", "stderr")
-                    if name in pipes
-                },
-                options,
-                started,
-                anonymous_at_fork,
-                spill,
-            )
+            return _new_child(watcher, pipes, opened, options, started, anonymous_at_fork, spill)
         except BaseException as exc:
             _undo_spawn(pid, opened, watcher)
             if isinstance(exc, OSError):
                 raise _cannot_start(exc) from exc
             raise
+
+
+def _open_pipes(
+    options: Options, stream: bool, opened: list[int]
+) -> tuple[dict[str, tuple[int, int]], int | None]:
+    """The call's pipes (result, and the outputs it captures) and its spill file, if any; each
+    fd is listed in ``opened`` as it is made. Call with the fork lock held."""
+    pipes: dict[str, tuple[int, int]] = {}
+    for name in ("result", "stdout", "stderr"):
+        if name == "result" or getattr(options, name) == "capture":
+            pipes[name] = os.pipe2(os.O_CLOEXEC)
+            opened.extend(pipes[name])
+            _fds.library_fds.update(pipes[name])
+    spill = None
+    if not stream and options.codec is PICKLE:
+        spill = _platform.spill_file(_fds.library_fds)
+        if spill is not None:
+            opened.append(spill)
+    return pipes, spill
+
+
+def _new_child(
+    watcher: _platform.ChildWatcher,
+    pipes: dict[str, tuple[int, int]],
+    opened: list[int],
+    options: Options,
+    started: float,
+    anonymous_at_fork: int | None,
+    spill: int | None,
+) -> _Child:
+    """The `_Child` of a child just started, once the write ends of its pipes are closed."""
+    for fd in opened:
+        os.set_blocking(fd, False)
+    return _Child(
+        watcher,
+        _protocol.FrameReader(pipes["result"][0], max_size=options.result_limit),
+        {
+            name: Tail(pipes[name][0], options.max_output)
+            for name in ("stdout", "stderr")
+            if name in pipes
+        },
+        options,
+        started,
+        anonymous_at_fork,
+        spill,
+    )
+
+
+async def _spawn_in_zygote(
+    zygote: _zygote.Zygote,
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    options: Options,
+    *,
+    stream: bool,
+) -> _Child:
+    """`spawn` for zygote mode: the helper forks, so nothing here holds the event loop long
+    (and there is no fork to pace)."""
+    payload = _zygote.Payload(func, args, options.codec)  # TypeError if it cannot be pickled
+    try:
+        payload.open()
+        for _ in payload.slices():
+            await anyio.lowlevel.checkpoint()
+        while True:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            try:
+                return _start_in_zygote(zygote, payload, options, stream)
+            except _zygote.Busy:
+                await zygote.wait_writable()
+    except OSError as exc:
+        raise _cannot_start(exc) from exc
+    finally:
+        payload.close()
+
+
+def _start_in_zygote(
+    zygote: _zygote.Zygote, payload: _zygote.Payload, options: Options, stream: bool
+) -> _Child:
+    _flush_parent_stdio()  # the child may write where we do
+    opened: list[int] = []
+    with _fds.lock:
+        try:
+            pipes, spill = _open_pipes(options, stream, opened)
+            fds = {"result": pipes["result"][1]}
+            plan_outputs: dict[str, int] = {}
+            for name, ours in (("stdout", 1), ("stderr", 2)):
+                how = getattr(options, name)
+                if name in pipes:
+                    fds[name] = pipes[name][1]
+                elif how == "inherit" and _is_open(ours):
+                    fds[name] = ours  # ours now, as a forked child would have it
+                else:
+                    plan_outputs[name] = _child.DISCARD
+            if spill is not None:
+                fds["spill"] = spill
+            if payload.fd >= 0:
+                fds["payload"] = payload.fd
+            plan = _child.Plan(
+                write_fd=-1,  # the helper fills in the fds
+                inherited_fds=[],
+                sigmask=set(),
+                parent_pid=0,
+                loop_kind=_child.current_loop_kind(),
+                memory_limit=options.memory_limit,
+                cpu_limit=options.cpu_limit,
+                stream=stream,
+                sandbox=options.sandbox,
+                sandboxed=options.sandbox.active,
+                nice=options.nice,
+                result_limit=options.result_limit,
+                stdout=plan_outputs.get("stdout", _child.INHERIT),
+                stderr=plan_outputs.get("stderr", _child.INHERIT),
+            )
+            request = _zygote_main.Request(
+                plan,
+                os.getcwd(),
+                payload.inline,
+                payload_at=payload.at,
+                payload_size=payload.size,
+                kill_descendants=options.kill_descendants,
+            )
+            started = time.monotonic()
+            watcher = None
+            watcher = zygote.start_call(request, fds)
+            for _, write_end in pipes.values():
+                opened.remove(write_end)
+                _fds.close(write_end)
+            return _new_child(watcher, pipes, opened, options, started, None, spill)
+        except BaseException:
+            if watcher is not None:  # sent: the helper kills it, and reaps it
+                watcher.send_signal(signal.SIGKILL)
+                watcher.signal_group(signal.SIGKILL)
+                watcher.close()
+            for fd in opened:
+                _fds.close(fd)
+            raise
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return False
+    return True
+
+
+# Whether ThreadedForkWarning was issued: once per process (see docs/how-it-works.md).
+_warned_threads = False
+
+
+def _fork() -> int:
+    """os.fork(), and the fork-with-threads policy: the first fork made while another thread
+    runs warns, once per process; Python 3.12+'s own warning, which would come with every
+    call, is silenced for our forks."""
+    global _warned_threads
+    if threading.active_count() == 1:
+        return os.fork()
+    me = threading.current_thread()
+    others = [
+        t
+        for t in threading.enumerate()
+        if t is not me and not t.name.startswith(_platform.THREAD_PREFIX)
+    ]
+    if not others:
+        return os.fork()
+    if not _warned_threads:
+        _warned_threads = True  # first: a filter may turn the warning into an exception
+        warnings.warn(
+            ThreadedForkWarning(
+                f"forking a child while other threads run ({', '.join(t.name for t in others)}): "
+                "if one of them holds a lock when the fork happens (stdio's, logging's, a C "
+                "library's), the child may hang on it. Use zygote mode (Isolator(mode='zygote'), "
+                "or zygote=), whose children are forked from a helper that runs no thread. "
+                "aioisolate warns about this once per process."
+            ),
+            stacklevel=2,
+        )
+    if sys.version_info < (3, 12):
+        return os.fork()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*multi-threaded.*fork", DeprecationWarning)
+        return os.fork()
 
 
 def _output_target(how: str, pipe: tuple[int, int] | None) -> int:
@@ -264,7 +426,6 @@ class _Child:
 
     def __init__(
         self,
-        pid: int,
         watcher: _platform.ChildWatcher,
         reader: _protocol.FrameReader,
         outputs: dict[str, Tail],
@@ -273,7 +434,6 @@ class _Child:
         anonymous_at_fork: int | None,
         spill_fd: int | None = None,
     ) -> None:
-        self.pid = pid
         self.spill_fd = spill_fd
         self.spilled: mmap.mmap | None = None  # the spill file, mapped once the child is gone
         self.watcher = watcher
@@ -295,6 +455,11 @@ class _Child:
         self.exited = False  # seen to exit by a stream's wait, not yet reaped
         self.memory_seen: int | None = None  # set when the watchdog killed the child
         self.fork_turn: anyio.Lock | None = None  # the loop's fork lock, until `pace`
+
+    @property
+    def pid(self) -> int:
+        """The child's pid; 0 while a zygote has not yet said it forked."""
+        return self.watcher.pid
 
     async def pace(self) -> None:
         """Let the event loop turn once after this fork (twice if other calls wait to fork),
@@ -358,7 +523,8 @@ class _Child:
             await ready.wait()
             for fd in ready.ready():
                 if fd == exit_fd:
-                    self._reap()
+                    if self.watcher.has_exited():
+                        self._reap()
                 elif fd == self.reader.fd:
                     if self._take_final():
                         ready.discard(fd)
@@ -425,13 +591,18 @@ class _Child:
 
     def _watch_memory(self, tg: anyio.abc.TaskGroup) -> None:
         if self.options.memory_limit is not None:
-            tg.start_soon(
-                _limits.watch_memory,
-                self.pid,
-                self.options.memory_limit,
-                self.anonymous_at_fork or 0,
-                self._too_big,
-            )
+            tg.start_soon(self._watchdog, self.options.memory_limit)
+
+    async def _watchdog(self, limit: int) -> None:
+        await self.watcher.started()
+        if self.pid:
+            await _limits.watch_memory(self.pid, limit, self._inherited() or 0, self._too_big)
+
+    def _inherited(self) -> int | None:
+        """The anonymous memory the child started with, if known: its parent's at fork."""
+        if self.anonymous_at_fork is None:
+            return self.watcher.anonymous_at_fork  # forked by a zygote, which said
+        return self.anonymous_at_fork
 
     async def _read(self, *, final: bool = False) -> None:
         """Read until a frame is complete, or EOF. With ``final`` (the frame that ends the
@@ -490,17 +661,13 @@ class _Child:
         self.send(signal.SIGKILL)
 
     def _signal_group(self, sig: int) -> None:
-        # Only while the child is unreaped: until then its pid, which is the group id, is ours.
-        try:
-            os.killpg(self.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group is gone already
+        self.watcher.signal_group(sig)  # only while the child is unreaped (see the watcher)
 
     def _reap(self, *, block: bool = False) -> None:
         if self.options.kill_descendants:
             # Whatever the child started (a subprocess, say) dies with it.
             self._signal_group(signal.SIGKILL)
-        self.waited = _platform.reap(self.pid, block=block)
+        self.waited = self.watcher.reap(block=block)
         self.ended = time.monotonic()
         self.reaped = True
         # What the child wrote last is in the pipes now: take it without waiting for EOF,
@@ -595,7 +762,7 @@ class _Child:
         # against the anonymous memory it inherited, which fork always counts for it.
         baseline = self.reader.resident_at_start
         if baseline is None:
-            baseline = self.anonymous_at_fork
+            baseline = self._inherited()
         if baseline is None:
             _, baseline = _platform.resident_memory()  # ours now: close to ours at fork
         return max(0, _platform.maxrss_bytes(rusage) - baseline)
@@ -616,9 +783,14 @@ class _Child:
             return _protocol.decode(self.reader.kind, payload, self.options.codec, self.spilled)
         raise self._crash()
 
-    def _crash(self) -> ChildCrashed:
+    def _crash(self) -> IsolationError:
         exitcode, sig = _exit_fields(self.waited)
         where = self._stderr_tail()
+        failure = self.watcher.failure()
+        if isinstance(failure, IsolationError):
+            return failure
+        if isinstance(failure, OSError):
+            return _cannot_start(failure)
         if self.memory_seen is not None:
             limit = self.options.memory_limit
             assert limit is not None
@@ -724,14 +896,6 @@ def _exit_fields(
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
-
-
-def _loop_kind() -> _child.LoopKind:
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return "trio"  # anyio runs on asyncio or trio
-    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 def _cannot_start(exc: OSError) -> IsolationError:

@@ -63,11 +63,32 @@ class Plan:
     result_limit: int | None = None  # max_result_size: a larger result is not spilled
 
 
-def run(func: Callable[..., Any], args: tuple[Any, ...], plan: Plan) -> NoReturn:
+def current_loop_kind() -> LoopKind:
+    """In the parent: the kind of event loop the calling task runs on (anyio's two backends)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return "trio"
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def run(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    plan: Plan,
+    load: Callable[[Plan], tuple[Callable[..., Any], tuple[Any, ...], Plan]] | None = None,
+) -> NoReturn:
+    """Set up, run ``func(*args)``, send what came of it, and exit.
+
+    A zygote's child gets the function by ``load`` instead, which unpickles it once the child
+    is set up (and returns the plan with the codec it brought).
+    """
     code = EXIT_INTERNAL
     try:
         try:
             resident_at_start = _become_fresh_process(plan)
+            if load is not None:
+                func, args, plan = load(plan)
         except Exception as exc:
             frame = _protocol.encode_setup_error(exc)
         else:

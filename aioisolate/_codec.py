@@ -40,6 +40,9 @@ class Codec(Protocol):
 class PickleCodec:
     """cloudpickle out, pickle in: any picklable value, for trusted code only."""
 
+    def __reduce__(self) -> str:
+        return "PICKLE"  # the one instance, by name: code compares codecs with `is`
+
     def dumps(self, value: Any, /) -> bytes:
         return dump_pickle(value)
 
@@ -90,6 +93,9 @@ def _is_plain(value: object, budget: int = 64) -> bool:
 
 class SafeCodec:
     """Plain data only, decoded without running any code, in bounded depth and memory."""
+
+    def __reduce__(self) -> str:
+        return "SAFE"
 
     def dumps(self, value: Any, /) -> bytes:
         out: list[bytes] = []

@@ -22,6 +22,8 @@ __all__ = [
     "MemoryLimitExceeded",
     "RemoteError",
     "RemoteTraceback",
+    "ThreadedForkWarning",
+    "ZygoteDied",
 ]
 
 
@@ -104,6 +106,23 @@ class CPULimitExceeded(ChildCrashed):
         self.limit = limit
 
 
+class ZygoteDied(ChildCrashed):
+    """The zygote helper that forked the child died (or was closed) while the call ran.
+
+    Only calls made in zygote mode raise it. The child dies with its helper, so the call has no
+    result; the function may not even have started. Retrying is safe in that sense: the next
+    call starts a new helper.
+
+    Attributes:
+        pid: the child's process id, or 0 if the helper died before forking it.
+        helper_pid: the helper's process id.
+    """
+
+    def __init__(self, message: str, *, pid: int, helper_pid: int) -> None:
+        super().__init__(message, pid=pid, exitcode=None, signal=None)
+        self.helper_pid = helper_pid
+
+
 class IsolationTimeout(IsolationError, TimeoutError):
     """The child ran longer than the call's ``timeout=``; it was killed and reaped.
 
@@ -172,3 +191,13 @@ def _rebuild(
     exc.args = args
     exc.__dict__.update(state)
     return exc
+
+
+class ThreadedForkWarning(RuntimeWarning):
+    """A fork-mode call forked its child while other threads of the process were running.
+
+    A lock one of those threads held at that moment (stdio's, logging's, one inside a C
+    library) stays locked in the child, which hangs if it needs it. Issued once per process,
+    at the first such fork (our own watcher threads do not count); zygote mode, whose children
+    are forked from a helper that runs no thread, avoids the hazard.
+    """

@@ -15,6 +15,7 @@ import anyio
 from ._codec import PICKLE, Codec, CodecName
 from ._codec import resolve as resolve_codec
 from ._sandbox import Sandbox, primary_group, resolve_group, resolve_user
+from ._zygote import Zygote
 
 Output = Literal["inherit", "discard", "capture"]
 _OUTPUTS: Final = ("inherit", "discard", "capture")
@@ -56,6 +57,9 @@ class CallOptions(TypedDict, total=False):
             are idle, the children get all of them all the same. 0 runs the child at the
             parent's priority.
 
+        zygote: a running `Zygote`: the child is forked by that helper process instead of by
+            this one (zygote mode; see `Zygote` for what changes). Default None: fork mode.
+
     Sandbox options, all off by default (see docs/security.md for what each protects):
 
     Attributes:
@@ -88,6 +92,7 @@ class CallOptions(TypedDict, total=False):
     codec: CodecName | Codec
     max_result_size: int | str | None
     nice: int
+    zygote: Zygote | None
     close_fds: bool
     pass_fds: Iterable[int]
     no_new_privs: bool
@@ -117,6 +122,7 @@ class Options:
     codec: Codec = PICKLE
     max_result_size: int | None = None
     nice: int = 10
+    zygote: Zygote | None = None
     sandbox: Sandbox = Sandbox()
 
     @property
@@ -169,7 +175,15 @@ class Options:
         for name in ("stdout", "stderr"):
             if name in o and o[name] not in _OUTPUTS:
                 raise ValueError(f"{name} must be one of {_OUTPUTS}, not {o[name]!r}")
-        return dataclasses.replace(self, **o)  # type: ignore[arg-type]
+        if o.get("zygote") is not None and not isinstance(o["zygote"], Zygote):
+            raise TypeError(f"zygote must be a Zygote, not {type(o['zygote']).__name__}")
+        merged = dataclasses.replace(self, **o)  # type: ignore[arg-type]
+        if merged.zygote is not None and merged.sandbox.pass_fds:
+            raise ValueError(
+                "pass_fds names fds of this process, and in zygote mode the child is forked by "
+                "the helper, which does not have them: use fork mode (no zygote=) for pass_fds"
+            )
+        return merged
 
 
 DEFAULTS: Final = Options()

@@ -33,24 +33,80 @@ import anyio.lowlevel
 Mechanism = Literal["pidfd", "thread"]
 
 ENV_VAR: Final = "AIOISOLATE_CHILD_WATCHER"
+# The names of our own threads start with this. They only wait (in waitid), holding no lock a
+# child could need, so a fork while they run is not a fork from a threaded process.
+THREAD_PREFIX: Final = "aioisolate-"
 
 
 class ChildWatcher(Protocol):
-    """The parent's handle on one child, until it is reaped."""
+    """The parent's handle on one child, until it is reaped.
 
-    pid: int
+    A child forked here is watched by `PidfdWatcher` or `ThreadWatcher`; one forked by a zygote
+    helper by `_zygote.ZygoteWatcher`, which hears from the helper instead.
+    """
+
+    pid: int  # 0 until known (a zygote's child: until the helper says it forked)
+    # A zygote's child: the helper's anonymous memory at fork, which the child starts with (it
+    # says so with the pid, when the call has a memory limit). None for a child forked here.
+    anonymous_at_fork: int | None
+    # Whether `fileno` may go into a `ReadySet` (an epoll): a pidfd or a pipe, not a thread.
+    pollable: bool
+
+    async def started(self) -> None:
+        """Return once `pid` is known (or the child is known never to have started)."""
 
     async def wait_exited(self) -> None:
         """Return once the child has exited; it stays a zombie until `reap`."""
 
     def fileno(self) -> int:
-        """An fd that turns readable once the child has exited."""
+        """An fd that turns readable once the child has exited (or there is news of it)."""
+
+    def has_exited(self) -> bool:
+        """After `fileno` turned readable: whether that meant the child exited."""
 
     def send_signal(self, sig: int) -> None:
         """Signal the child itself; a no-op once it has exited. Only call it before `reap`."""
 
+    def signal_group(self, sig: int) -> None:
+        """Signal the child's process group (the child and what it started), before `reap`."""
+
+    def reap(self, *, block: bool = False) -> tuple[int, resource.struct_rusage] | None:
+        """The exited child's wait status and resource usage, or None if nobody can know them
+        (see `reap` below). ``block`` is for a child already sent SIGKILL, with no event loop."""
+
+    def failure(self) -> Exception | None:
+        """Why there is no outcome to read, when the watcher knows better than the child's exit
+        status (a zygote helper that died, or could not fork); else None."""
+
     def close(self) -> None:
         """Release what the watcher holds (call once, after the last wait)."""
+
+
+class _ForkedChild:
+    """What the watchers of a child forked by this process share."""
+
+    pid: int
+    pollable = False
+    anonymous_at_fork: int | None = None
+
+    async def started(self) -> None:
+        pass  # known since fork
+
+    def has_exited(self) -> bool:
+        return True  # their fd turns readable for nothing else
+
+    def signal_group(self, sig: int) -> None:
+        # Only while the child is unreaped: until then its pid, which is the group id, is ours.
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is gone already
+
+    def reap(self, *, block: bool = False) -> tuple[int, resource.struct_rusage] | None:
+        return reap(self.pid, block=block)
+
+    def failure(self) -> Exception | None:
+        return None
 
 
 def reap(pid: int, *, block: bool = False) -> tuple[int, resource.struct_rusage] | None:
@@ -69,7 +125,9 @@ def reap(pid: int, *, block: bool = False) -> tuple[int, resource.struct_rusage]
     return status, rusage
 
 
-class PidfdWatcher:
+class PidfdWatcher(_ForkedChild):
+    pollable = True
+
     def __init__(self, pid: int, pidfd: int, registry: set[int]) -> None:
         self.pid = pid
         self.pidfd = pidfd
@@ -93,7 +151,7 @@ class PidfdWatcher:
         os.close(self.pidfd)
 
 
-class ThreadWatcher:
+class ThreadWatcher(_ForkedChild):
     """A thread blocks in waitid() on the child and, when it has exited, writes a byte to a
     pipe whose read end the event loop waits on: one thread per child, however often the
     caller waits."""
@@ -105,7 +163,10 @@ class ThreadWatcher:
         registry.update((self.fd, self._write_fd))
         self._registry = registry
         self._thread = threading.Thread(
-            target=_signal_exit, args=(pid, self._write_fd), daemon=True
+            target=_signal_exit,
+            args=(pid, self._write_fd),
+            name=f"{THREAD_PREFIX}watcher-{pid}",
+            daemon=True,
         )
         self._thread.start()
 
@@ -207,7 +268,7 @@ def watch(pid: int, mechanism: Mechanism, registry: set[int]) -> ChildWatcher:
     return ThreadWatcher(pid, registry)
 
 
-class GoneWatcher:
+class GoneWatcher(_ForkedChild):
     """The watcher of a child that was reaped by someone else before it could be watched."""
 
     def __init__(self, pid: int) -> None:
@@ -222,6 +283,9 @@ class GoneWatcher:
     def send_signal(self, sig: int) -> None:
         pass  # gone, and its pid may be another process's by now
 
+    def signal_group(self, sig: int) -> None:
+        pass  # the same goes for its group id
+
     def close(self) -> None:
         pass
 
@@ -235,6 +299,19 @@ def spill_file(registry: set[int]) -> int | None:
         fd = os.memfd_create("aioisolate-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     except OSError:
         return None
+    registry.add(fd)
+    return fd
+
+
+def payload_file(registry: set[int]) -> int:
+    """A file for a zygote-mode call's large arguments: a memfd, or an unlinked temporary file
+    where there are none."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("aioisolate-arguments", os.MFD_CLOEXEC)
+    else:
+        import tempfile
+
+        fd = os.dup(tempfile.TemporaryFile().fileno())  # noqa: SIM115
     registry.add(fd)
     return fd
 
@@ -280,7 +357,7 @@ class ReadySet:
 def ready_set(watcher: ChildWatcher, fds: list[int], registry: set[int]) -> ReadySet | None:
     """A `ReadySet` of the watcher's fd and ``fds``; None where calls wait with a task per fd
     instead: without epoll, and with the thread watcher, which stands for those systems here."""
-    if not hasattr(select, "epoll") or not isinstance(watcher, PidfdWatcher):
+    if not hasattr(select, "epoll") or not watcher.pollable:
         return None
     try:
         return ReadySet([watcher.fileno(), *fds], registry)

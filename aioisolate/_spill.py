@@ -59,8 +59,32 @@ def dump(value: object, fd: int, limit: int | None = None) -> tuple[bytes, bytes
 
     A result over ``limit`` bytes in all writes nothing to the file: its table is enough for
     the parent to refuse it (see `take`)."""
-    if type(value) in (bytes, bytearray) and len(value) >= SPILL_MIN:  # type: ignore[arg-type]
-        value = _Whole(value)  # type: ignore[arg-type]
+    data, buffers = split(whole(value))
+    if not buffers:
+        return data, None
+    table, offsets, _ = layout(buffers)
+    if limit is not None and len(data) + sum(raw.nbytes for raw in buffers) > limit:
+        return data, table
+    try:
+        for raw, offset in zip(buffers, offsets, strict=True):
+            write_at(fd, raw, offset)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)  # type: ignore[attr-defined,unused-ignore]
+    except OSError:
+        # No memory for the file: the pipe carries it all, as for any other result.
+        return dump_pickle(value), None
+    return data, table
+
+
+def whole(value: Any) -> Any:
+    """``value``, wrapped to leave the pickle whole if it is a large bytes or bytearray."""
+    if type(value) in (bytes, bytearray) and len(value) >= SPILL_MIN:
+        return _Whole(value)
+    return value
+
+
+def split(value: object) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``value`` as the pickle codec does, keeping out of the pickle every contiguous
+    buffer of `SPILL_MIN` bytes or more (returned, in the order the pickle expects them)."""
     buffers: list[memoryview] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -73,28 +97,26 @@ def dump(value: object, fd: int, limit: int | None = None) -> tuple[bytes, bytes
         buffers.append(raw)
         return False
 
-    data = dump_pickle(value, out_of_band)
-    if not buffers:
-        return data, None
+    return dump_pickle(value, out_of_band), buffers
+
+
+def layout(buffers: list[memoryview]) -> tuple[bytes, list[int], int]:
+    """Where each buffer goes in a file (each on a page of its own): the table that says so,
+    the offsets, and the end of the last buffer."""
     table = [_COUNT.pack(len(buffers))]
+    offsets = []
     offset = 0
     for raw in buffers:
         offset = -(-offset // _ALIGN) * _ALIGN
         table.append(_ENTRY.pack(offset, raw.nbytes))
+        offsets.append(offset)
         offset += raw.nbytes
-    if limit is not None and len(data) + sum(raw.nbytes for raw in buffers) > limit:
-        return data, b"".join(table)
-    try:
-        for raw, entry in zip(buffers, table[1:], strict=True):
-            _write_at(fd, raw, _ENTRY.unpack(entry)[0])
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)  # type: ignore[attr-defined,unused-ignore]
-    except OSError:
-        # No memory for the file: the pipe carries it all, as for any other result.
-        return dump_pickle(value if not isinstance(value, _Whole) else value.value), None
-    return data, b"".join(table)
+    return b"".join(table), offsets, offset
 
 
-def _write_at(fd: int, data: memoryview, offset: int) -> None:
+def write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of the file ``fd``."""
+    data = memoryview(data)
     while data:
         n = os.pwrite(fd, data, offset)
         data = data[n:]
@@ -135,7 +157,7 @@ def _table(payload: bytes | bytearray) -> list[tuple[int, int]]:
     return [_ENTRY.unpack_from(view, _COUNT.size + i * _ENTRY.size) for i in range(count)]
 
 
-def load(payload: bytes | bytearray, spilled: mmap.mmap | None) -> Any:
+def load(payload: bytes | bytearray | memoryview, spilled: mmap.mmap | None) -> Any:
     """In the parent: the value of a spilled result, from its frame's payload and the map."""
     view = memoryview(payload)
     (count,) = _COUNT.unpack_from(view)

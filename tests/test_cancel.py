@@ -11,9 +11,11 @@ import time
 import anyio
 import psutil
 import pytest
-from helpers import Channel, is_gone, wait_until
+from helpers import Channel, is_gone, isolated_children, wait_until
 
 from aioisolate import IsolationError, IsolationTimeout, Isolator, _call, isolated
+
+pytestmark = pytest.mark.both_modes
 
 
 def report_pids_then_hang(channel: Channel) -> None:
@@ -80,6 +82,9 @@ async def test_timeout_option_raises_isolation_timeout(channel: Channel) -> None
 
 
 @pytest.mark.anyio
+@pytest.mark.fork_only(
+    reason="patches os.fork or _call._spawn in this process, where a zygote-mode call does not fork"
+)
 async def test_no_fork_when_cancelled_before_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
     forks = []
     real_fork = os.fork
@@ -92,6 +97,9 @@ async def test_no_fork_when_cancelled_before_the_call(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.anyio
+@pytest.mark.fork_only(
+    reason="patches os.fork or _call._spawn in this process, where a zygote-mode call does not fork"
+)
 async def test_no_fork_when_cancelled_waiting_for_the_limiter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -109,6 +117,9 @@ async def test_no_fork_when_cancelled_waiting_for_the_limiter(
 
 
 @pytest.mark.anyio
+@pytest.mark.fork_only(
+    reason="patches os.fork or _call._spawn in this process, where a zygote-mode call does not fork"
+)
 async def test_cancel_right_after_fork(monkeypatch: pytest.MonkeyPatch) -> None:
     # Cancelled before the child has even set up its process group: still killed and reaped.
     pids = []
@@ -172,6 +183,9 @@ async def test_task_cancel_kills_the_child(channel: Channel) -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.fork_only(
+    reason="patches os.fork or _call._spawn in this process, where a zygote-mode call does not fork"
+)
 async def test_task_cancel_in_the_turn_after_fork_kills_the_child(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -248,4 +262,4 @@ async def test_gather_and_task_group_cancel_every_child(channel: Channel) -> Non
 
     with pytest.raises(ExceptionGroup):
         await task_group()
-    assert psutil.Process().children() == []
+    assert isolated_children() == []

@@ -12,11 +12,11 @@ import anyio
 import anyio.lowlevel
 import psutil
 import pytest
-from helpers import Channel, Gate
+from helpers import Channel, Gate, isolated_children
 
 from aioisolate import ChildCrashed, Isolator, _call, default_limiter, isolated
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 
 
 def announce_then_wait(channel: Channel, gate: Gate) -> int:
@@ -41,7 +41,7 @@ async def test_default_limiter_bounds_concurrency(channel: Channel, gate: Gate) 
             await channel.receive()
         # The rest wait for a token, before forking: exactly as many children as tokens.
         assert limiter.borrowed_tokens == limiter.total_tokens
-        assert len(psutil.Process().children()) == limiter.total_tokens
+        assert len(isolated_children()) == limiter.total_tokens
         gate.open(calls)
 
 
@@ -57,7 +57,7 @@ async def test_own_limiter_bounds_concurrency(channel: Channel, gate: Gate) -> N
             tg.start_soon(call)
         for _ in range(3):
             await channel.receive()
-        assert len(psutil.Process().children()) == 3
+        assert len(isolated_children()) == 3
         assert limiter.statistics().tasks_waiting == 4
         gate.open(7)
     assert len(set(results)) == 7
@@ -143,10 +143,11 @@ async def test_500_mixed_calls_leave_nothing_behind() -> None:
         for i in range(500):
             tg.start_soon(call, i)
     assert outcomes == {"ok": 100, "error": 100, "crash": 200, "cancelled": 100}
-    assert me.children() == []
+    assert isolated_children() == []
     assert me.num_fds() == fds_before
 
 
+@pytest.mark.fork_only(reason="a zygote forks in its own process: there is no fork here to pace")
 async def test_a_burst_of_forks_is_paced_one_per_turn_of_the_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -17,7 +17,7 @@ import trio
 
 from aioisolate import isolated
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 
 
 def square(x: int) -> int:
@@ -80,6 +80,7 @@ def open_file(tmp_path: Path) -> Iterator[TextIO]:
         yield handle
 
 
+@pytest.mark.fork_only(reason="what fork mode hands over without pickling")
 async def test_unpicklable_inputs_travel_by_fork(open_file: TextIO) -> None:
     lock = threading.Lock()
     counter = [10]
@@ -93,6 +94,7 @@ async def test_unpicklable_inputs_travel_by_fork(open_file: TextIO) -> None:
     assert await isolated(uses_everything, 1) == (True, 11, "inherited")
 
 
+@pytest.mark.fork_only(reason="what fork mode hands over without pickling")
 async def test_large_argument_is_inherited_not_copied() -> None:
     big = bytearray(b"\x01") * (256 << 20)
     # The child sees the very object, at the same address: nothing was serialized.
@@ -127,6 +129,9 @@ async def test_none_and_rich_results() -> None:
     assert await isolated(lambda: value) == value
 
 
+@pytest.mark.fork_only(
+    reason="the inner call uses the module's isolated, routed to a zygote its child cannot use"
+)
 async def test_nested_isolated_calls() -> None:
     async def outer(n: int) -> list[int]:
         return [await isolated(square, i) for i in range(n)]

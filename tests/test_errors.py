@@ -21,7 +21,7 @@ from aioisolate import (
     isolated,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 
 
 class ParseError(Exception):
@@ -59,6 +59,9 @@ async def test_async_function_exception() -> None:
         await isolated(fails)
 
 
+@pytest.mark.fork_only(
+    reason="needs the function's source lines in the child's traceback, which cloudpickle drops for a function pickled by value"
+)
 async def test_exception_that_cannot_be_unpickled_becomes_remote_error() -> None:
     def fails() -> None:
         raise NeedsTwoArguments(404, "not found")
@@ -152,6 +155,9 @@ async def test_child_leaving_through_os_exit(code: int) -> None:
     assert f"exited with code {code}" in str(info.value)
 
 
+@pytest.mark.fork_only(
+    reason="patches the child's code in this process, which a zygote's children do not share"
+)
 async def test_crash_after_partial_result_reports_bytes_sent(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -164,6 +170,9 @@ async def test_crash_after_partial_result_reports_bytes_sent(
         await isolated(bytes, 1000)
 
 
+@pytest.mark.fork_only(
+    reason="patches the child's code in this process, which a zygote's children do not share"
+)
 async def test_garbage_on_the_result_pipe_is_an_isolation_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -196,6 +205,9 @@ def test_errors_survive_pickling(err: IsolationError) -> None:
     assert vars(copy) == vars(err)
 
 
+@pytest.mark.fork_only(
+    reason="the inner call uses the module's isolated, routed to a zygote its child cannot use"
+)
 async def test_error_from_a_nested_call_reaches_the_top() -> None:
     async def outer() -> None:
         await isolated(segfault)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import resource
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from collections.abc import Iterator
 
 import anyio
@@ -21,7 +23,7 @@ import trio
 import trio.lowlevel
 from helpers import Channel, Gate, is_gone, wait_until
 
-from aioisolate import _call, _fds, isolated
+from aioisolate import ThreadedForkWarning, _call, _fds, _platform, isolated
 
 BACKEND_ARGS = {"asyncio": "asyncio", "uvloop": "uvloop", "trio": "trio"}
 
@@ -357,3 +359,57 @@ async def test_a_collection_in_the_child_does_not_copy_the_parents_heap() -> Non
     faults, frozen = await isolated(faults_of_a_full_collection)
     assert frozen >= len(heap)
     assert faults < 1_000
+
+
+@pytest.mark.anyio
+async def test_a_fork_while_another_thread_runs_warns_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_call, "_warned_threads", False)
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait, name="busy-worker")
+    busy.start()
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            assert await isolated(abs, -1) == 1
+            assert await isolated(abs, -2) == 2
+        # Once per process, not once per call.
+        (warning,) = [w for w in record if issubclass(w.category, ThreadedForkWarning)]
+        assert "busy-worker" in str(warning.message)
+        assert "zygote mode" in str(warning.message)
+    finally:
+        stop.set()
+        busy.join()
+
+
+@pytest.mark.anyio
+async def test_our_own_threads_do_not_count_as_other_threads(
+    monkeypatch: pytest.MonkeyPatch, gate: Gate
+) -> None:
+    # With the thread watcher, a thread waits for each running child; forks made meanwhile
+    # are not forks from a threaded process.
+    monkeypatch.setattr(_call, "_warned_threads", False)
+
+    def wait_at(gate: Gate) -> int:
+        channel.send(os.getpid())
+        gate.wait()
+        return 1
+
+    channel = Channel()
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            async with anyio.create_task_group() as tg:
+                limiter = anyio.CapacityLimiter(3)
+                for _ in range(3):
+                    tg.start_soon(functools.partial(isolated, wait_at, gate, limiter=limiter))
+                for _ in range(3):  # each fork after the first while the others run
+                    await channel.receive()
+                gate.open(3)
+    finally:
+        channel.close()
+    # Other threads may run (an idle worker of trio's thread cache, say), and be named: ours
+    # never are.
+    named = [str(w.message) for w in record if issubclass(w.category, ThreadedForkWarning)]
+    assert not any(_platform.THREAD_PREFIX in message for message in named)

@@ -31,7 +31,7 @@ from aioisolate import (
 )
 from aioisolate._limits import WATCH_INTERVAL
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 
 MiB = 1 << 20
 

@@ -11,11 +11,11 @@ import anyio
 import anyio.lowlevel
 import psutil
 import pytest
-from helpers import Channel, Gate
+from helpers import Channel, Gate, isolated_children
 
 from aioisolate import IsolationError, Isolator, MapProgress, isolated_map, tqdm_progress
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 
 
 def square(x: int) -> int:
@@ -110,7 +110,7 @@ async def test_first_error_cancels_the_rest(channel: Channel) -> None:
     with pytest.raises(ValueError, match="the first one failed"):
         await run()
     # Every child the fan-out started is dead and reaped by now.
-    assert psutil.Process().children() == []
+    assert isolated_children() == []
 
 
 def fail_on_odd(x: int) -> int:

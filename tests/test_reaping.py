@@ -17,7 +17,7 @@ import pytest
 
 from aioisolate import ChildCrashed, IsolationError, _platform, isolated, isolated_with_report
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 
 
 @pytest.fixture
@@ -36,11 +36,13 @@ def watchers_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return used
 
 
+@pytest.mark.fork_only(reason="about the watchers of children forked here")
 async def test_the_forced_watcher_is_used(child_watcher: str, watchers_used: list[str]) -> None:
     assert await isolated(pow, 2, 5) == 32
     assert watchers_used == [{"pidfd": "PidfdWatcher", "thread": "ThreadWatcher"}[child_watcher]]
 
 
+@pytest.mark.fork_only(reason="about the watchers of children forked here")
 async def test_thread_watcher_when_pidfds_are_not_allowed(
     monkeypatch: pytest.MonkeyPatch, watchers_used: list[str]
 ) -> None:
@@ -50,6 +52,7 @@ async def test_thread_watcher_when_pidfds_are_not_allowed(
     assert watchers_used == ["ThreadWatcher"]
 
 
+@pytest.mark.fork_only(reason="about the watchers of children forked here")
 async def test_pidfd_open_failing_after_fork_kills_and_reaps_the_child(
     monkeypatch: pytest.MonkeyPatch, watchers_used: list[str]
 ) -> None:
@@ -107,6 +110,7 @@ async def test_result_survives_the_kernel_reaping_our_child() -> None:
 
 
 @pytest.mark.usefixtures("sigchld_ignored")
+@pytest.mark.fork_only(reason="a stray waitpid(-1) here cannot reap a zygote's children")
 async def test_crash_with_unknown_status() -> None:
     with pytest.raises(ChildCrashed, match="status is unknown") as info:
         await isolated(os._exit, 4)

@@ -19,7 +19,7 @@ from aioisolate import (
     isolated_with_report,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 
 
 async def test_report_of_a_successful_call() -> None:

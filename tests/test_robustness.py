@@ -16,9 +16,8 @@ import textwrap
 import time
 
 import anyio
-import psutil
 import pytest
-from helpers import Channel
+from helpers import Channel, isolated_children
 
 from aioisolate import ChildCrashed, IsolationError, Isolator, _call, _child, _platform, isolated
 
@@ -238,7 +237,7 @@ async def test_isolator_close_waits_through_a_second_native_cancel(
 
     with pytest.raises(asyncio.CancelledError):
         await use_isolator()
-    assert psutil.Process().children() == []  # all reaped before the block was left
+    assert isolated_children() == []  # all reaped before the block was left
     with pytest.raises(IsolationError, match="Isolator was closed"):
         await runs[0]
 

@@ -13,7 +13,7 @@ import pytest
 from aioisolate import IsolationError, _platform, _protocol, _spill, isolated, isolated_with_report
 from aioisolate._codec import PICKLE
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 
 BIG = 4 << 20
 

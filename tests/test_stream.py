@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import mmap
 import os
-import struct
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -12,10 +10,11 @@ import anyio
 import anyio.lowlevel
 import psutil
 import pytest
+from helpers import SharedCounter
 
 from aioisolate import ChildCrashed, IsolationTimeout, isolated_iter
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 
 MiB = 1 << 20
 
@@ -87,28 +86,28 @@ async def test_crash_mid_stream() -> None:
     assert info.value.report is not None
 
 
-def forever(counter: mmap.mmap, size: int = 8) -> Iterator[object]:
+def forever(counter: SharedCounter, size: int = 8) -> Iterator[object]:
     """First its pid, then numbered items of ``size`` bytes, for ever."""
     yield os.getpid()
     i = 1
     while True:
         yield (i, b"x" * size)
-        struct.pack_into("q", counter, 0, i)  # shared with the parent: how far it got
+        counter.set(i)  # shared with the parent: how far it got
         i += 1
 
 
 @pytest.fixture
-def counter() -> Iterator[mmap.mmap]:
-    shared = mmap.mmap(-1, 8)  # anonymous and shared: the child writes, the parent reads
+def counter() -> Iterator[SharedCounter]:
+    shared = SharedCounter()
     yield shared
     shared.close()
 
 
-def produced(counter: mmap.mmap) -> int:
-    return int(struct.unpack_from("q", counter, 0)[0])
+def produced(counter: SharedCounter) -> int:
+    return counter.get()
 
 
-async def test_break_inside_async_with_kills_the_child_at_once(counter: mmap.mmap) -> None:
+async def test_break_inside_async_with_kills_the_child_at_once(counter: SharedCounter) -> None:
     async with isolated_iter(forever, counter) as items:
         child = psutil.Process(await anext(items))  # type: ignore[arg-type]
         async for item in items:
@@ -123,7 +122,7 @@ async def test_break_inside_async_with_kills_the_child_at_once(counter: mmap.mma
 # generator finalizer; that finalizer still closes it, which is what this test checks.
 @pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-async def test_plain_async_for_break_kills_the_child_soon(counter: mmap.mmap) -> None:
+async def test_plain_async_for_break_kills_the_child_soon(counter: SharedCounter) -> None:
     child = None
     async for item in isolated_iter(forever, counter):
         if child is None:
@@ -143,7 +142,7 @@ async def eventually(condition: object, timeout: float = 10) -> None:
             await anyio.sleep(0.01)
 
 
-async def test_cancelling_the_consumer_kills_the_child(counter: mmap.mmap) -> None:
+async def test_cancelling_the_consumer_kills_the_child(counter: SharedCounter) -> None:
     with anyio.CancelScope() as scope:
         async with isolated_iter(forever, counter) as items:
             child = psutil.Process(await anext(items))  # type: ignore[arg-type]
@@ -155,7 +154,7 @@ async def test_cancelling_the_consumer_kills_the_child(counter: mmap.mmap) -> No
     assert not child.is_running()
 
 
-async def test_consumer_exception_kills_the_child(counter: mmap.mmap) -> None:
+async def test_consumer_exception_kills_the_child(counter: SharedCounter) -> None:
     children: list[psutil.Process] = []
 
     async def consume() -> None:
@@ -169,7 +168,7 @@ async def test_consumer_exception_kills_the_child(counter: mmap.mmap) -> None:
     assert not children[0].is_running()
 
 
-async def test_a_slow_consumer_pauses_the_child(counter: mmap.mmap) -> None:
+async def test_a_slow_consumer_pauses_the_child(counter: SharedCounter) -> None:
     # 10 MB items from a producer that would make a gigabyte, read slowly: neither process
     # may hold more than about one item beyond what was consumed.
     me = psutil.Process()
