@@ -21,6 +21,7 @@ from __future__ import annotations
 import _signal
 import contextlib
 import fcntl
+import inspect
 import mmap
 import os
 import resource
@@ -30,7 +31,7 @@ import threading
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import anyio.abc
@@ -262,6 +263,9 @@ async def _spawn_in_zygote(
     """`spawn` for zygote mode: the helper forks, so nothing here holds the event loop long
     (and there is no fork to pace)."""
     payload = _zygote.Payload(func, args, options.codec)  # TypeError if it cannot be pickled
+    imports: tuple[str, ...] = ()
+    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+        imports = _LOOP_MODULES[_child.current_loop_kind()]
     try:
         payload.open()
         for _ in payload.slices():
@@ -269,7 +273,7 @@ async def _spawn_in_zygote(
         while True:
             await anyio.lowlevel.checkpoint_if_cancelled()
             try:
-                return _start_in_zygote(zygote, payload, options, stream)
+                return _start_in_zygote(zygote, payload, options, stream, imports)
             except _zygote.Busy:
                 await zygote.wait_writable()
     except OSError as exc:
@@ -278,8 +282,19 @@ async def _spawn_in_zygote(
         payload.close()
 
 
+_LOOP_MODULES: Final = {
+    "asyncio": ("asyncio",),
+    "uvloop": ("asyncio", "uvloop"),
+    "trio": ("trio",),
+}
+
+
 def _start_in_zygote(
-    zygote: _zygote.Zygote, payload: _zygote.Payload, options: Options, stream: bool
+    zygote: _zygote.Zygote,
+    payload: _zygote.Payload,
+    options: Options,
+    stream: bool,
+    imports: tuple[str, ...],
 ) -> _Child:
     _flush_parent_stdio()  # the child may write where we do
     opened: list[int] = []
@@ -323,6 +338,7 @@ def _start_in_zygote(
                 payload_at=payload.at,
                 payload_size=payload.size,
                 kill_descendants=options.kill_descendants,
+                imports=imports,
             )
             started = time.monotonic()
             watcher = None

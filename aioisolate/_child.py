@@ -12,15 +12,12 @@ stack, whose ``finally`` blocks and ``atexit`` handlers belong to the parent.
 from __future__ import annotations
 
 import _signal
-import asyncio
 import dataclasses
 import faulthandler
 import gc
-import inspect
 import os
 import signal
 import sys
-import traceback
 import types
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, NoReturn
@@ -65,6 +62,8 @@ class Plan:
 
 def current_loop_kind() -> LoopKind:
     """In the parent: the kind of event loop the calling task runs on (anyio's two backends)."""
+    import asyncio
+
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
@@ -222,11 +221,13 @@ _IGNORED: Final = frozenset(
 
 def _forget_event_loops() -> None:
     """Clear the parent's event-loop state, which fork copied into this thread."""
-    asyncio.events._set_running_loop(None)
+    events: Any = sys.modules.get("asyncio.events")  # private names, stable since 3.4
+    if events is None:
+        return  # a zygote's child: no event loop was ever here (nor trio, nor sniffio)
+    events._set_running_loop(None)
     # The policy remembers the parent's loop as this thread's current loop: get_event_loop()
     # would hand the child that object, whose selector is shared with the parent. (Python 3.12+
     # does this reset in its own at-fork hook; 3.11 does not.)
-    events: Any = asyncio.events  # private names, stable since 3.4
     policy = events._event_loop_policy
     if isinstance(policy, events.BaseDefaultEventLoopPolicy):
         policy._local = events.BaseDefaultEventLoopPolicy._Local()
@@ -273,8 +274,11 @@ def _is_awaitable(value: object) -> bool:
         if "__await__" in vars(cls):
             return vars(cls)["__await__"] is not None
     return isinstance(value, types.GeneratorType) and bool(
-        value.gi_code.co_flags & inspect.CO_ITERABLE_COROUTINE
+        value.gi_code.co_flags & _CO_ITERABLE_COROUTINE
     )
+
+
+_CO_ITERABLE_COROUTINE: Final = 0x100  # inspect.CO_ITERABLE_COROUTINE, without importing inspect
 
 
 def _send_items(items: Any, plan: Plan) -> list[bytes]:
@@ -313,6 +317,9 @@ def _send_items(items: Any, plan: Plan) -> list[bytes]:
 
 
 def _run_on_new_loop(awaitable: Awaitable[Any], loop_kind: LoopKind) -> Any:
+    # Imported here: a zygote helper imports this module, and its size is every fork's cost.
+    import asyncio
+
     async def main() -> Any:
         return await awaitable
 
@@ -351,6 +358,8 @@ def _flush_stdio() -> None:
 
 def _print_exception() -> None:
     try:
+        import traceback
+
         traceback.print_exc()
     except BaseException:
         pass

@@ -6,9 +6,10 @@ import math
 import os
 import resource
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import anyio
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 # How often the watchdog looks at a child's memory (a read of /proc/PID/statm).
 WATCH_INTERVAL = 0.05
@@ -66,6 +67,8 @@ def anonymous_memory(process: psutil.Process) -> int | None:
     *parent* writes to pages they shared (the parent gets the copy), and unlike plain RSS it
     leaves out file-backed pages, which the child shares with everyone.
     """
+    import psutil
+
     try:
         info = process.memory_info()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -81,6 +84,10 @@ async def watch_memory(
     Catches what the child's rlimit cannot: native code that raised its own limit back. Reading
     the figure is one small read of /proc, done on the event loop's thread.
     """
+    # Imported here, in the parent: a zygote helper imports this module for the child's limits.
+    import anyio
+    import psutil
+
     try:
         process = psutil.Process(pid)
     except psutil.NoSuchProcess:

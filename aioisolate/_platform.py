@@ -25,10 +25,7 @@ import select
 import signal
 import sys
 import threading
-from typing import Final, Literal, Protocol
-
-import anyio
-import anyio.lowlevel
+from typing import Any, Final, Literal, Protocol
 
 Mechanism = Literal["pidfd", "thread"]
 
@@ -36,6 +33,15 @@ ENV_VAR: Final = "AIOISOLATE_CHILD_WATCHER"
 # The names of our own threads start with this. They only wait (in waitid), holding no lock a
 # child could need, so a fork while they run is not a fork from a threaded process.
 THREAD_PREFIX: Final = "aioisolate-"
+
+
+def _anyio() -> Any:
+    """anyio, which only the parent uses here: imported on first use, as this module is also
+    imported by a zygote helper, whose size every fork from it pays for."""
+    import anyio
+    import anyio.lowlevel
+
+    return anyio
 
 
 class ChildWatcher(Protocol):
@@ -134,7 +140,7 @@ class PidfdWatcher(_ForkedChild):
         self._registry = registry
 
     async def wait_exited(self) -> None:
-        await anyio.wait_readable(self.pidfd)
+        await _anyio().wait_readable(self.pidfd)
 
     def fileno(self) -> int:
         return self.pidfd
@@ -146,7 +152,7 @@ class PidfdWatcher(_ForkedChild):
             pass  # already exited
 
     def close(self) -> None:
-        anyio.notify_closing(self.pidfd)
+        _anyio().notify_closing(self.pidfd)
         self._registry.discard(self.pidfd)
         os.close(self.pidfd)
 
@@ -171,7 +177,7 @@ class ThreadWatcher(_ForkedChild):
         self._thread.start()
 
     async def wait_exited(self) -> None:
-        await anyio.wait_readable(self.fd)
+        await _anyio().wait_readable(self.fd)
 
     def fileno(self) -> int:
         return self.fd
@@ -188,7 +194,7 @@ class ThreadWatcher(_ForkedChild):
         # Called once the child is reaped, so the thread is past waitid() and ends at once;
         # both fds are closed after it, so it can never write to a reused fd number.
         self._thread.join()
-        anyio.notify_closing(self.fd)
+        _anyio().notify_closing(self.fd)
         for fd in (self.fd, self._write_fd):
             self._registry.discard(fd)
             os.close(fd)
@@ -275,7 +281,7 @@ class GoneWatcher(_ForkedChild):
         self.pid = pid
 
     async def wait_exited(self) -> None:
-        await anyio.lowlevel.checkpoint()
+        await _anyio().lowlevel.checkpoint()
 
     def fileno(self) -> int:
         raise OSError(errno.ESRCH, "the child is gone: it has no pidfd")
@@ -338,7 +344,7 @@ class ReadySet:
 
     async def wait(self) -> None:
         """Return once one of the fds is readable."""
-        await anyio.wait_readable(self.fd)
+        await _anyio().wait_readable(self.fd)
 
     def ready(self) -> list[int]:
         """The fds readable now (never blocks)."""
@@ -349,7 +355,7 @@ class ReadySet:
         self._epoll.unregister(fd)
 
     def close(self) -> None:
-        anyio.notify_closing(self.fd)
+        _anyio().notify_closing(self.fd)
         self._registry.discard(self.fd)
         self._epoll.close()
 
@@ -376,8 +382,12 @@ if sys.platform == "linux":
         One small read (psutil would make two). The anonymous part is what fork copies into
         the child's own count; file-backed pages mostly start uncounted there.
         """
-        with open("/proc/self/statm", "rb") as statm:
-            fields = statm.read().split()
+        # Three system calls: a file object would add four more (fstat, ioctl, two lseeks).
+        fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fields = os.read(fd, 256).split()
+        finally:
+            os.close(fd)
         resident, shared = int(fields[1]), int(fields[2])
         return resident * _PAGE_SIZE, (resident - shared) * _PAGE_SIZE
 

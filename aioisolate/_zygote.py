@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import anyio.lowlevel
 
-from . import _child, _fds, _platform, _spill
+from . import _fds, _platform, _spill
 from ._codec import Codec
 from ._errors import IsolationError, ZygoteDied
 from ._zygote_main import (
@@ -61,13 +61,8 @@ _SLICE: Final = 4 << 20
 # How long closing waits for the helper to end by itself before it is killed.
 _CLOSE_GRACE: Final = 5.0
 
-_BOOTSTRAP: Final = (
-    "import json, sys\n"
-    "config = json.loads(sys.argv[1])\n"
-    "sys.path[:] = config['path']\n"
-    "from aioisolate._zygote_main import main\n"
-    "main(config)\n"
-)
+# The helper runs this file as a script (see its docstring).
+_BOOT: Final = os.path.join(os.path.dirname(__file__), "_zygote_boot.py")
 
 
 class Zygote:
@@ -96,7 +91,8 @@ class Zygote:
 
     Args:
         preload: modules for the helper to import when it starts, so that each child has them
-            already. The event loop library of the caller's kind (trio, uvloop) is added.
+            already. (The event loop library an async function needs is imported by the helper
+            when the first one comes.)
     """
 
     def __init__(self, *, preload: Iterable[str] = ()) -> None:
@@ -126,11 +122,7 @@ class Zygote:
         if self._state != "new":
             raise RuntimeError("a Zygote can be entered only once")
         self._state = "open"
-        preload = list(self._preload)
-        loop_kind = _loop_library()
-        if loop_kind is not None and loop_kind not in preload:
-            preload.append(loop_kind)
-        self._config = {"path": list(sys.path), "preload": preload}
+        self._config = {"path": list(sys.path), "preload": list(self._preload)}
         try:
             helper = self._start_helper()
             await helper.ready()
@@ -250,7 +242,7 @@ class Zygote:
                 config = dict(self._config, fd=target)
                 pid = os.posix_spawn(
                     sys.executable,
-                    [sys.executable, "-c", _BOOTSTRAP, json.dumps(config)],
+                    [sys.executable, _BOOT, json.dumps(config)],
                     os.environ,
                     file_actions=[
                         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
@@ -533,13 +525,6 @@ class Payload:
 def _describe(func: object) -> str:
     name = getattr(func, "__qualname__", None) or type(func).__name__
     return f"the function {name!r}"
-
-
-def _loop_library() -> str | None:
-    """The event loop library this task runs on, to preload in the helper (asyncio's own
-    modules the helper imports anyway)."""
-    kind = _child.current_loop_kind()
-    return None if kind == "asyncio" else kind
 
 
 def _close_socket(sock: socket.socket) -> None:

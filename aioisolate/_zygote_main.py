@@ -22,6 +22,7 @@ from __future__ import annotations
 import _signal
 import array
 import dataclasses
+import gc
 import importlib
 import mmap
 import os
@@ -51,7 +52,8 @@ EXITED: Final = struct.Struct(">ci16d")  # b"x", wait status, struct rusage's 16
 FAILED: Final = struct.Struct(">ci")  # b"f", fork's errno
 
 # A START message is a small header and, for small payloads, the pickle itself.
-MAX_MESSAGE: Final = 1 << 20
+# Below malloc's mmap threshold (128 KiB): the receive buffer then comes from the heap.
+MAX_MESSAGE: Final = 96 << 10
 MAX_FDS: Final = 8
 
 
@@ -65,6 +67,9 @@ class Request:
     payload_at: int = 0  # where the payload starts in the file "payload" (see _spill)
     payload_size: int = 0
     kill_descendants: bool = True  # kill the child's process group when it is reaped
+    # Modules the child needs and the helper should import first, once: the event loop
+    # library of an async function (asyncio, uvloop, trio).
+    imports: tuple[str, ...] = ()
     call_id: int = 0  # set by the zygote as it sends the request
     fd_names: tuple[str, ...] = ()  # what each fd sent with the message is for, in order
 
@@ -86,6 +91,9 @@ def main(config: dict[str, Any]) -> NoReturn:
     except BaseException:
         _send_quietly(sock, BROKEN + traceback.format_exc().encode(errors="replace"))
         os._exit(1)
+    # What is here now lives as long as the helper: out of the collector's way, so that a
+    # collection in the helper or in a child does not touch (and so copy) all of its pages.
+    gc.freeze()
     _send_quietly(sock, READY)
     _Helper(sock).serve()
 
@@ -139,6 +147,12 @@ class _Helper:
         return True
 
     def start(self, request: Request, fds: list[int]) -> None:
+        for name in request.imports:
+            if name not in sys.modules:
+                try:
+                    importlib.import_module(name)
+                except Exception:
+                    pass  # the child tries again, and reports why it cannot
         given = dict(zip(request.fd_names, fds, strict=True))
         status = given.pop("status")
         payload_fd = given.pop("payload", -1)

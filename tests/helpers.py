@@ -134,7 +134,7 @@ def isolated_children() -> list[psutil.Process]:
 
 def is_zygote(proc: psutil.Process) -> bool:
     try:
-        return any("aioisolate._zygote_main" in part for part in proc.cmdline())
+        return any(part.endswith("_zygote_boot.py") for part in proc.cmdline())
     except psutil.Error:
         return False
 

@@ -183,6 +183,7 @@ async def test_asyncio_subprocesses_beside_isolated_calls() -> None:
     assert results == [0, 1, 2, 3, 0, 1, 4, 9, 10, 11]
 
 
+@pytest.mark.fork_only(reason="about the watchers of children forked here")
 async def test_a_child_reaped_by_someone_else_before_it_is_watched(
     monkeypatch: pytest.MonkeyPatch, child_watcher: str
 ) -> None:
