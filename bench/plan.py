@@ -20,6 +20,8 @@ REUSES_WORKERS = "reuses its workers: the parent's size never enters a call"
 STARTS_FRESH = "starts its workers by spawn or forkserver, not by forking the parent"
 NO_RESULT = "times fork and exit only: it runs no task and returns nothing"
 POLLS = "forks as pebble.concurrent.process does, then polls for the result every 100 ms"
+SAME_RESULTS = "returns its result as fork mode does: the same pipe and spill file"
+FROM_ZYGOTE = "forks its children from its helper, not from the parent"
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,8 @@ def ours_param(scenario: Scenario, param: Param) -> Param:
 def _why_not_forked(name: str) -> str:
     if name == "pebble-asynchronous":
         return POLLS
+    if name == "aioisolate-zygote":
+        return FROM_ZYGOTE
     return STARTS_FRESH if SYSTEMS[name].isolated else REUSES_WORKERS
 
 
@@ -147,13 +151,14 @@ def plan(quick: bool) -> list[Scenario]:
                 row
                 for mib in sizes
                 for name in with_tasks
+                if name != "aioisolate-zygote"
                 for row in (
                     [(name, {"kind": "raw", "mib": mib})]
                     if name == "python-floor"
                     else [(name, {"kind": kind, "mib": mib}) for kind in kinds]
                 )
             ),
-            na={"c-floor": NO_RESULT},
+            na={"c-floor": NO_RESULT, "aioisolate-zygote": SAME_RESULTS},
         ),
         Scenario(
             name="forkcost",
@@ -200,6 +205,7 @@ def plan(quick: bool) -> list[Scenario]:
             rows=(
                 ("aioisolate", {"cap": None}),
                 ("aioisolate", {"cap": 200}),
+                ("aioisolate-zygote", {"cap": None}),
                 ("pool-reused", {"cap": None}),
                 ("multiprocessing", {"cap": None}),
             ),

@@ -142,6 +142,8 @@ def test_render_shows_every_scenario_and_na_rows() -> None:
     assert "![" in text
     assert "(figure.png)" in text
     assert "| C floor: fork, _exit, waitpid | yes | n/a |" in text
+    # Zygote mode has no fork cost row: it does not fork the parent.
+    assert "| aioisolate, zygote mode | yes | n/a |" in text
 
 
 def test_write_page_keeps_the_prose_around_the_markers(tmp_path: Path) -> None:
@@ -166,7 +168,7 @@ def test_quick_plan_is_small() -> None:
     assert {param["mib"] for _, param in by_name["bandwidth"].rows} == {1}
     systems = {name for name, _ in by_name["latency"].rows}
     assert {"aioisolate", "c-floor", "python-floor", "multiprocessing"} <= systems
-    assert "pebble-concurrent" in systems
+    assert {"pebble-concurrent", "aioisolate-zygote"} <= systems
 
 
 MACHINE = {
