@@ -20,7 +20,10 @@ REUSES_WORKERS = "reuses its workers: the parent's size never enters a call"
 STARTS_FRESH = "starts its workers by spawn or forkserver, not by forking the parent"
 NO_RESULT = "times fork and exit only: it runs no task and returns nothing"
 POLLS = "forks as pebble.concurrent.process does, then polls for the result every 100 ms"
-SAME_RESULTS = "returns its result as fork mode does: the same pipe and spill file"
+SAME_RESULTS = (
+    "returns its result as fork mode does (the same pipe and spill file); what differs is the "
+    "way in: see Cost of a large argument"
+)
 FROM_ZYGOTE = "forks its children from its helper, not from the parent"
 
 
@@ -88,6 +91,11 @@ def plan(quick: bool) -> list[Scenario]:
         ]
     )
     not_forked = {name: _why_not_forked(name) for name in with_tasks if name not in forked}
+    modes = ["aioisolate", "aioisolate-zygote", "python-floor"]
+    argument_sizes = [1, 100]
+    # How each kind of system gets an argument to the other process: by fork (ours, the floor,
+    # multiprocessing), by pickle into a memory file (zygote mode), by pickle through a pipe.
+    shippers = [*modes, "multiprocessing", "pool-reused"]
 
     return [
         Scenario(
@@ -159,6 +167,32 @@ def plan(quick: bool) -> list[Scenario]:
                 )
             ),
             na={"c-floor": NO_RESULT, "aioisolate-zygote": SAME_RESULTS},
+        ),
+        Scenario(
+            name="argument",
+            title="Cost of a large argument",
+            what="one call taking a bytes argument and returning its length; time per call",
+            how="Fork mode, the Python floor and multiprocessing's fork Process hand the argument "
+            "to the child by fork, which copies the page table entries of its pages; zygote mode "
+            "pickles it into a memory file that the child maps, and unpickles a copy of it there; "
+            "the reused pool pickles it through a pipe to a warm worker. Trivial call: the same "
+            "worker's trivial calls before it made the argument; over trivial: the median minus "
+            "that. MiB/s: the argument's size ÷ the median time per call.",
+            metric="ms",
+            unit="ms",
+            higher_is_better=False,
+            floor="python-floor",
+            rounds=1 if quick else 2,
+            settings={
+                "calls": 5 if quick else 20,
+                "min_calls": 5,
+                "reps": 3 if quick else 20,
+                "seconds": 0.5 if quick else 1.5,
+                "warmup": 3,
+            },
+            rows=tuple(
+                (name, {"mib": mib}) for mib in argument_sizes for name in shippers if name in names
+            ),
         ),
         Scenario(
             name="forkcost",

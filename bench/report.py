@@ -299,10 +299,17 @@ def _param_cells(scenario: Scenario, param: Param) -> list[str]:
         return [param["kind"]]
     if scenario.name == "forkcost":
         return [f"{param['mib']:,} MiB {param['kind']}"]
+    if scenario.name == "argument":
+        return [f"{param['mib']:,} MiB bytes"]
     return []
 
 
-PARAM_HEADERS = {"fanout": ["cap"], "bandwidth": ["result"], "forkcost": ["parent holds"]}
+PARAM_HEADERS = {
+    "fanout": ["cap"],
+    "bandwidth": ["result"],
+    "argument": ["argument"],
+    "forkcost": ["parent holds"],
+}
 
 
 def _note(row: Row, system: str) -> str:
@@ -314,6 +321,7 @@ def _note(row: Row, system: str) -> str:
 def _generic_table(run: Run, scenario: Scenario, rows: Sequence[tuple[str, Param]]) -> str:
     extra = {
         "latency": ["loop", "parent faults/call"],
+        "argument": ["trivial call ms", "over trivial ms", "MiB/s"],
         "forkcost": ["RSS grown MiB", "small parent µs", "µs per MiB"],
     }.get(scenario.name, [])
     header = [
@@ -348,6 +356,10 @@ def _generic_table(run: Run, scenario: Scenario, rows: Sequence[tuple[str, Param
         elif scenario.name == "forkcost":
             grown, base = row.median("grown_mib"), row.median("base_us")
             cells += [number(grown), number(base), number(ratio(stats.median - base, grown))]
+        elif scenario.name == "argument":
+            base = row.median("base_ms")
+            rate = ratio(param["mib"], stats.median / 1e3)
+            cells += [number(base), number(stats.median - base), number(rate)]
         lines.append([*cells, _note(row, name)])
     for name, reason in scenario.na.items():
         system = SYSTEMS[name]

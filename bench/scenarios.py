@@ -131,6 +131,29 @@ async def bandwidth(system: System, param: Param, settings: Settings) -> Measure
     return {"samples": {"mib_s": rates}, "info": {"reps": len(rates)}}
 
 
+async def argument(system: System, param: Param, settings: Settings) -> Measured:
+    """Calls taking a ``mib`` MiB bytes argument and returning its length; and trivial calls
+    from the same worker before the argument existed."""
+    nbytes = param["mib"] * MiB
+
+    async def ship(runner: Runner, data: bytes) -> float:
+        start = time.perf_counter_ns()
+        value = await runner.call(tasks.length, data)
+        elapsed = (time.perf_counter_ns() - start) / 1e6
+        if value != len(data):
+            raise AssertionError(f"the child saw {value!r} bytes of {len(data)}")
+        return elapsed
+
+    async with system.open(1) as runner:
+        await _warm_up(runner, settings["warmup"])
+        base = [us / 1e3 for us in await _timed_calls(runner, settings)]
+        await ship(runner, tasks.payload("bytes", MiB))  # warm up the path of a large argument
+        data = tasks.payload("bytes", nbytes)
+        times = [await ship(runner, data) for _ in _until(settings["reps"], 3, settings["seconds"])]
+        del data
+    return {"samples": {"ms": times, "base_ms": base}, "info": {"reps": len(times)}}
+
+
 def _ballast(kind: str, mib: int) -> Any:
     """``mib`` MiB of resident memory in the parent: one numpy array, or small objects."""
     if kind == "numpy":
@@ -231,6 +254,7 @@ SCENARIOS: dict[str, Callable[[System, Param, Settings], Awaitable[Measured]]] =
     "latency": latency,
     "fanout": fanout,
     "bandwidth": bandwidth,
+    "argument": argument,
     "forkcost": forkcost,
     "lag": lag,
     "growth": growth,

@@ -42,6 +42,8 @@ def synthetic(medians: dict[tuple[str, str], float], lag_p99: float = 1.0) -> di
             samples: dict[str, list[float]] = {scenario.metric: [value * 0.9, value, value * 1.1]}
             if scenario.name == "forkcost":
                 samples |= {"base_us": [value / 2], "grown_mib": [50.0]}
+            if scenario.name == "argument":
+                samples |= {"base_ms": [value / 2]}
             if scenario.name == "lag":
                 samples = {
                     "lag_ms": [0.1] * 98 + [lag_p99] * 2,
@@ -169,6 +171,8 @@ def test_quick_plan_is_small() -> None:
     systems = {name for name, _ in by_name["latency"].rows}
     assert {"aioisolate", "c-floor", "python-floor", "multiprocessing"} <= systems
     assert {"pebble-concurrent", "aioisolate-zygote"} <= systems
+    assert {param["mib"] for _, param in by_name["argument"].rows} == {1, 100}
+    assert by_name["argument"].settings["reps"] <= 3
 
 
 MACHINE = {
