@@ -24,7 +24,7 @@ SAME_RESULTS = (
     "returns its result as fork mode does (the same pipe and spill file); what differs is the "
     "way in: see Cost of a large argument"
 )
-FROM_ZYGOTE = "forks its children from its helper, not from the parent"
+FROM_ZYGOTE = "forks from its helper, not the parent: see Zygote mode against the parent's size"
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,8 @@ def plan(quick: bool) -> list[Scenario]:
         ]
     )
     not_forked = {name: _why_not_forked(name) for name in with_tasks if name not in forked}
+    # A bare worker's size, and far above it: the same sizes in quick mode, for the targets.
+    parent_sizes = [32, 500, 2048]
     modes = ["aioisolate", "aioisolate-zygote", "python-floor"]
     argument_sizes = [1, 100]
     # How each kind of system gets an argument to the other process: by fork (ours, the floor,
@@ -217,6 +219,30 @@ def plan(quick: bool) -> list[Scenario]:
                 (name, param) for param in forkcost_params for name in forked if name in names
             ),
             na=not_forked,
+        ),
+        Scenario(
+            name="zygote",
+            title="Zygote mode against the parent's size",
+            what="trivial calls from a parent grown to a given resident size; time per call",
+            how="The parent is topped up to the size with private memory on 4 KiB pages, every "
+            "page written, as a heap of small Python objects is (the fork cost table above also "
+            "has numpy's huge pages); 32 MiB is about the size of a worker that holds nothing. "
+            "Zygote mode starts its helper before the parent grows, as an application would at "
+            "its start, and forks every child from it; fork mode and the Python floor fork the "
+            "parent itself. RSS: the parent's once grown. × smallest parent: this row's median "
+            "over the same system's with the parent at its smallest.",
+            metric="us",
+            unit="µs",
+            higher_is_better=False,
+            floor="python-floor",
+            rounds=1 if quick else 2,
+            settings={
+                "calls": 5 if quick else 50,
+                "min_calls": 5,
+                "seconds": 1 if quick else 2,
+                "warmup": 3,
+            },
+            rows=tuple((name, {"rss_mib": mib}) for mib in parent_sizes for name in modes),
         ),
         Scenario(
             name="lag",
