@@ -20,6 +20,11 @@ REUSES_WORKERS = "reuses its workers: the parent's size never enters a call"
 STARTS_FRESH = "starts its workers by spawn or forkserver, not by forking the parent"
 NO_RESULT = "times fork and exit only: it runs no task and returns nothing"
 POLLS = "forks as pebble.concurrent.process does, then polls for the result every 100 ms"
+SAME_RESULTS = (
+    "returns its result as fork mode does (the same pipe and spill file); what differs is the "
+    "way in: see Cost of a large argument"
+)
+FROM_ZYGOTE = "forks from its helper, not the parent: see Zygote mode against the parent's size"
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ def ours_param(scenario: Scenario, param: Param) -> Param:
 def _why_not_forked(name: str) -> str:
     if name == "pebble-asynchronous":
         return POLLS
+    if name == "aioisolate-zygote":
+        return FROM_ZYGOTE
     return STARTS_FRESH if SYSTEMS[name].isolated else REUSES_WORKERS
 
 
@@ -84,6 +91,13 @@ def plan(quick: bool) -> list[Scenario]:
         ]
     )
     not_forked = {name: _why_not_forked(name) for name in with_tasks if name not in forked}
+    # A bare worker's size, and far above it: the same sizes in quick mode, for the targets.
+    parent_sizes = [32, 500, 2048]
+    modes = ["aioisolate", "aioisolate-zygote", "python-floor"]
+    argument_sizes = [1, 100]
+    # How each kind of system gets an argument to the other process: by fork (ours, the floor,
+    # multiprocessing), by pickle into a memory file (zygote mode), by pickle through a pipe.
+    shippers = [*modes, "multiprocessing", "pool-reused"]
 
     return [
         Scenario(
@@ -147,13 +161,40 @@ def plan(quick: bool) -> list[Scenario]:
                 row
                 for mib in sizes
                 for name in with_tasks
+                if name != "aioisolate-zygote"
                 for row in (
                     [(name, {"kind": "raw", "mib": mib})]
                     if name == "python-floor"
                     else [(name, {"kind": kind, "mib": mib}) for kind in kinds]
                 )
             ),
-            na={"c-floor": NO_RESULT},
+            na={"c-floor": NO_RESULT, "aioisolate-zygote": SAME_RESULTS},
+        ),
+        Scenario(
+            name="argument",
+            title="Cost of a large argument",
+            what="one call taking a bytes argument and returning its length; time per call",
+            how="Fork mode, the Python floor and multiprocessing's fork Process hand the argument "
+            "to the child by fork, which copies the page table entries of its pages; zygote mode "
+            "pickles it into a memory file that the child maps, and unpickles a copy of it there; "
+            "the reused pool pickles it through a pipe to a warm worker. Trivial call: the same "
+            "worker's trivial calls before it made the argument; over trivial: the median minus "
+            "that. MiB/s: the argument's size ÷ the median time per call.",
+            metric="ms",
+            unit="ms",
+            higher_is_better=False,
+            floor="python-floor",
+            rounds=1 if quick else 2,
+            settings={
+                "calls": 5 if quick else 20,
+                "min_calls": 5,
+                "reps": 3 if quick else 20,
+                "seconds": 0.5 if quick else 1.5,
+                "warmup": 3,
+            },
+            rows=tuple(
+                (name, {"mib": mib}) for mib in argument_sizes for name in shippers if name in names
+            ),
         ),
         Scenario(
             name="forkcost",
@@ -180,6 +221,30 @@ def plan(quick: bool) -> list[Scenario]:
             na=not_forked,
         ),
         Scenario(
+            name="zygote",
+            title="Zygote mode against the parent's size",
+            what="trivial calls from a parent grown to a given resident size; time per call",
+            how="The parent is topped up to the size with private memory on 4 KiB pages, every "
+            "page written, as a heap of small Python objects is (the fork cost table above also "
+            "has numpy's huge pages); 32 MiB is about the size of a worker that holds nothing. "
+            "Zygote mode starts its helper before the parent grows, as an application would at "
+            "its start, and forks every child from it; fork mode and the Python floor fork the "
+            "parent itself. RSS: the parent's once grown. × smallest parent: this row's median "
+            "over the same system's with the parent at its smallest.",
+            metric="us",
+            unit="µs",
+            higher_is_better=False,
+            floor="python-floor",
+            rounds=1 if quick else 2,
+            settings={
+                "calls": 5 if quick else 50,
+                "min_calls": 5,
+                "seconds": 1 if quick else 2,
+                "warmup": 3,
+            },
+            rows=tuple((name, {"rss_mib": mib}) for mib in parent_sizes for name in modes),
+        ),
+        Scenario(
             name="lag",
             title="Event-loop lag during a fan-out",
             what="a 1 ms ticker in the parent's loop while ~50 ms CPU calls run; lateness",
@@ -200,6 +265,7 @@ def plan(quick: bool) -> list[Scenario]:
             rows=(
                 ("aioisolate", {"cap": None}),
                 ("aioisolate", {"cap": 200}),
+                ("aioisolate-zygote", {"cap": None}),
                 ("pool-reused", {"cap": None}),
                 ("multiprocessing", {"cap": None}),
             ),

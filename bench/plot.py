@@ -14,6 +14,7 @@ from .report import Results, Run
 from .systems import SYSTEMS
 
 OURS = "#d62728"
+ZYGOTE = "#ff9896"  # ours too, in a lighter shade: the other mode
 OTHERS = "#7f7f7f"
 FLOORS = "#1f77b4"
 FLOOR_COLORS = {"python-floor": FLOORS, "c-floor": "#17becf"}
@@ -21,6 +22,8 @@ PEER_COLORS = ["#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
 
 
 def _color(name: str) -> str:
+    if name == "aioisolate-zygote":
+        return ZYGOTE
     role = SYSTEMS[name].role
     return OURS if role == "ours" else FLOORS if role == "floor" else OTHERS
 

@@ -127,6 +127,16 @@ class Run:
         base = Stats.of([value for row in rows for value in row.samples["base_us"]]).median
         return [(0.0, base)] + [(row.median("grown_mib"), row.median("us")) for row in rows]
 
+    def smallest_parent(self) -> Param:
+        """The zygote scenario's parameter with the parent at its smallest."""
+        sizes = [param["rss_mib"] for _, param in self.scenarios["zygote"].rows]
+        return {"rss_mib": min(sizes, default=0)}
+
+    def versus_smallest(self, system: str, param: Param) -> float:
+        """A zygote scenario row's median over the same system's with the smallest parent."""
+        value = self.median("zygote", system, param)
+        return ratio(value, self.median("zygote", system, self.smallest_parent()))
+
     def versus_ours(self, scenario: Scenario, system: str, param: Param) -> float:
         value = self.median(scenario.name, system, param)
         ours = self.median(scenario.name, "aioisolate", ours_param(scenario, param))
@@ -234,6 +244,32 @@ def targets(run: Run) -> list[Target]:
                 "MiB/s ÷ raw pipe MiB/s",
             )
         )
+    small = run.smallest_parent()
+    large = max((param["rss_mib"] for _, param in run.scenarios["zygote"].rows), default=0)
+    at_small = f"at {small['rss_mib']:,} MiB"
+    found.append(
+        Target(
+            f"zygote trivial call, parent at {large:,} MiB vs {at_small}",
+            run.versus_smallest("aioisolate-zygote", {"rss_mib": large}),
+            1.5,
+            "<=",
+            "×",
+            "zygote latency ÷ its own with the smallest parent",
+        )
+    )
+    found.append(
+        Target(
+            f"zygote trivial call vs the Python sync fork floor, parent {at_small}",
+            ratio(
+                median("zygote", "aioisolate-zygote", small),
+                median("zygote", "python-floor", small),
+            ),
+            1.0,
+            "<",
+            "×",
+            "zygote latency ÷ floor latency",
+        )
+    )
     lag = percentile(run.row("lag", "aioisolate", {"cap": None}).samples.get("lag_ms", []), 99)
     calls = run.scenarios["lag"].settings["calls"]
     found.append(
@@ -299,10 +335,20 @@ def _param_cells(scenario: Scenario, param: Param) -> list[str]:
         return [param["kind"]]
     if scenario.name == "forkcost":
         return [f"{param['mib']:,} MiB {param['kind']}"]
+    if scenario.name == "zygote":
+        return [f"{param['rss_mib']:,} MiB"]
+    if scenario.name == "argument":
+        return [f"{param['mib']:,} MiB bytes"]
     return []
 
 
-PARAM_HEADERS = {"fanout": ["cap"], "bandwidth": ["result"], "forkcost": ["parent holds"]}
+PARAM_HEADERS = {
+    "fanout": ["cap"],
+    "bandwidth": ["result"],
+    "argument": ["argument"],
+    "forkcost": ["parent holds"],
+    "zygote": ["parent's size"],
+}
 
 
 def _note(row: Row, system: str) -> str:
@@ -314,7 +360,9 @@ def _note(row: Row, system: str) -> str:
 def _generic_table(run: Run, scenario: Scenario, rows: Sequence[tuple[str, Param]]) -> str:
     extra = {
         "latency": ["loop", "parent faults/call"],
+        "argument": ["trivial call ms", "over trivial ms", "MiB/s"],
         "forkcost": ["RSS grown MiB", "small parent µs", "µs per MiB"],
+        "zygote": ["RSS MiB", "× smallest parent"],
     }.get(scenario.name, [])
     header = [
         "system",
@@ -348,6 +396,12 @@ def _generic_table(run: Run, scenario: Scenario, rows: Sequence[tuple[str, Param
         elif scenario.name == "forkcost":
             grown, base = row.median("grown_mib"), row.median("base_us")
             cells += [number(grown), number(base), number(ratio(stats.median - base, grown))]
+        elif scenario.name == "argument":
+            base = row.median("base_ms")
+            rate = ratio(param["mib"], stats.median / 1e3)
+            cells += [number(base), number(stats.median - base), number(rate)]
+        elif scenario.name == "zygote":
+            cells += [number(row.median("rss_mib")), times(run.versus_smallest(name, param))]
         lines.append([*cells, _note(row, name)])
     for name, reason in scenario.na.items():
         system = SYSTEMS[name]

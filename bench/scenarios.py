@@ -9,6 +9,8 @@ that a system taking 100 ms a call still finishes its share in time.
 from __future__ import annotations
 
 import gc
+import math
+import mmap
 import os
 import resource
 import time
@@ -27,6 +29,9 @@ Param = dict[str, Any]
 Settings = dict[str, Any]
 
 MiB = 1 << 20
+# Linux 5.14's MADV_POPULATE_WRITE, which the mmap module has no name for: the kernel allocates
+# every page of a range in one call, several times faster than a page fault per page.
+MADV_POPULATE_WRITE = 23
 
 
 def calibrate(milliseconds: float) -> int:
@@ -131,14 +136,61 @@ async def bandwidth(system: System, param: Param, settings: Settings) -> Measure
     return {"samples": {"mib_s": rates}, "info": {"reps": len(rates)}}
 
 
+async def argument(system: System, param: Param, settings: Settings) -> Measured:
+    """Calls taking a ``mib`` MiB bytes argument and returning its length; and trivial calls
+    from the same worker before the argument existed."""
+    nbytes = param["mib"] * MiB
+
+    async def ship(runner: Runner, data: bytes) -> float:
+        start = time.perf_counter_ns()
+        value = await runner.call(tasks.length, data)
+        elapsed = (time.perf_counter_ns() - start) / 1e6
+        if value != len(data):
+            raise AssertionError(f"the child saw {value!r} bytes of {len(data)}")
+        return elapsed
+
+    async with system.open(1) as runner:
+        await _warm_up(runner, settings["warmup"])
+        base = [us / 1e3 for us in await _timed_calls(runner, settings)]
+        await ship(runner, tasks.payload("bytes", MiB))  # warm up the path of a large argument
+        data = tasks.payload("bytes", nbytes)
+        times = [await ship(runner, data) for _ in _until(settings["reps"], 3, settings["seconds"])]
+        del data
+    return {"samples": {"ms": times, "base_ms": base}, "info": {"reps": len(times)}}
+
+
 def _ballast(kind: str, mib: int) -> Any:
-    """``mib`` MiB of resident memory in the parent: one numpy array, or small objects."""
+    """``mib`` MiB of resident memory in the parent: one numpy array, small objects, or plain
+    4 KiB pages."""
     if kind == "numpy":
         import numpy as np
 
         return np.ones(mib * MiB, dtype=np.uint8)
+    if kind == "pages":
+        return _pages(mib)
     # A float object and its slot in the list take 32 bytes.
     return [float(i) for i in range(mib * MiB // 32)]
+
+
+def _pages(mib: int) -> mmap.mmap | None:
+    """``mib`` MiB of private anonymous memory on 4 KiB pages, every page written.
+
+    The page size of a heap of small Python objects, whatever the machine's transparent huge
+    page setting; and no numpy, so that a parent can stay near the size of a bare interpreter.
+    Private: fork leaves a shared mapping's pages out of the child's page tables.
+    """
+    if mib <= 0:
+        return None
+    memory = mmap.mmap(-1, mib * MiB, flags=mmap.MAP_PRIVATE)
+    memory.madvise(mmap.MADV_NOHUGEPAGE)  # before the pages are allocated
+    try:
+        memory.madvise(MADV_POPULATE_WRITE)
+    except OSError:
+        pass  # an older kernel: the writes below fault the pages in
+    block = tasks.ONE * MiB
+    for offset in range(0, len(memory), MiB):
+        memory[offset : offset + MiB] = block
+    return memory
 
 
 def _rss_mib() -> float:
@@ -168,6 +220,19 @@ async def forkcost(system: System, param: Param, settings: Settings) -> Measured
         "samples": {"us": times, "base_us": base, "grown_mib": [grown]},
         "info": {"calls": len(times)},
     }
+
+
+async def zygote(system: System, param: Param, settings: Settings) -> Measured:
+    """Trivial calls from a parent grown to ``rss_mib`` MiB resident on 4 KiB pages."""
+    async with system.open(1) as runner:
+        await _warm_up(runner, settings["warmup"])
+        # Topped up from what the worker holds now, imports and the system's own state included
+        # (to the size or up to 1 MiB above it).
+        ballast = _ballast("pages", param["rss_mib"] - math.floor(_rss_mib()))
+        rss = _rss_mib()
+        times = await _timed_calls(runner, settings)
+        del ballast
+    return {"samples": {"us": times, "rss_mib": [rss]}, "info": {"calls": len(times)}}
 
 
 async def _tick(lateness: list[float], until: Callable[[], bool]) -> None:
@@ -231,7 +296,9 @@ SCENARIOS: dict[str, Callable[[System, Param, Settings], Awaitable[Measured]]] =
     "latency": latency,
     "fanout": fanout,
     "bandwidth": bandwidth,
+    "argument": argument,
     "forkcost": forkcost,
+    "zygote": zygote,
     "lag": lag,
     "growth": growth,
 }

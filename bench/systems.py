@@ -19,11 +19,14 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
 from . import tasks
+
+if TYPE_CHECKING:
+    import aioisolate
 
 Loop = Literal["asyncio", "uvloop", "trio"]
 Role = Literal["ours", "floor", "peer"]
@@ -120,6 +123,25 @@ class AioisolateRunner(Runner):
 @asynccontextmanager
 async def open_aioisolate(cap: int | None) -> AsyncIterator[Runner]:
     yield AioisolateRunner(cap)
+
+
+class ZygoteRunner(AioisolateRunner):
+    """aioisolate in zygote mode: every call forked by the one helper the runner opened."""
+
+    def __init__(self, cap: int | None, zygote: aioisolate.Zygote) -> None:
+        super().__init__(cap)
+        self.options["zygote"] = zygote
+
+
+@asynccontextmanager
+async def open_aioisolate_zygote(cap: int | None) -> AsyncIterator[Runner]:
+    import aioisolate
+
+    # Opened once per worker, before anything is measured, as an application would at its
+    # start. The helper imports the tasks' module first: a function from a module it lacks
+    # would be imported again in every child, a cost no real use of preload= pays.
+    async with aioisolate.Zygote(preload=[tasks.__name__]) as zygote:
+        yield ZygoteRunner(cap, zygote)
 
 
 # --- the floors ------------------------------------------------------------------------------
@@ -446,6 +468,10 @@ _ALL = [
            forks_parent=True),
     System("aioisolate-trio", "aioisolate on trio", True, "trio", "ours", open_aioisolate,
            forks_parent=True),
+    # ours: a helper started once per worker forks the children
+    System("aioisolate-zygote", "aioisolate, zygote mode", True, "asyncio", "ours",
+           open_aioisolate_zygote,
+           note="forked by a helper started once per worker; function and arguments pickled"),
     # the floors: blocking, no event loop work
     System("c-floor", "C floor: fork, _exit, waitpid", True, "asyncio", "floor", open_c_floor,
            forks_parent=True, note="times itself in C; returns nothing"),

@@ -16,6 +16,11 @@ def trivial() -> int:
     return 1
 
 
+def length(data: bytes) -> int:
+    """The large-argument call: takes the argument and returns a small result, its length."""
+    return len(data)
+
+
 def spin(iterations: int) -> int:
     """A pure-Python loop, the unit of CPU work of the fan-out and lag scenarios."""
     total = 0

@@ -30,6 +30,8 @@ MEDIANS = {
     ("fanout", "python-floor"): 1000.0,
     ("bandwidth", "aioisolate"): 900.0,
     ("bandwidth", "python-floor"): 500.0,
+    ("zygote", "aioisolate-zygote"): 900.0,
+    ("zygote", "python-floor"): 1000.0,
 }
 
 
@@ -42,6 +44,10 @@ def synthetic(medians: dict[tuple[str, str], float], lag_p99: float = 1.0) -> di
             samples: dict[str, list[float]] = {scenario.metric: [value * 0.9, value, value * 1.1]}
             if scenario.name == "forkcost":
                 samples |= {"base_us": [value / 2], "grown_mib": [50.0]}
+            if scenario.name == "zygote":
+                samples |= {"rss_mib": [float(param["rss_mib"])]}
+            if scenario.name == "argument":
+                samples |= {"base_ms": [value / 2]}
             if scenario.name == "lag":
                 samples = {
                     "lag_ms": [0.1] * 98 + [lag_p99] * 2,
@@ -109,6 +115,22 @@ def test_targets_missed_say_by_how_much() -> None:
     assert found["loop lag p99 during a 20-call fan-out, default settings"].startswith("missed")
 
 
+def test_zygote_targets_compare_it_with_itself_and_the_floor() -> None:
+    results = synthetic(MEDIANS)
+    for run in results["runs"]:
+        if run["scenario"] != "zygote":
+            continue
+        # Slower with the largest parent, and the floor faster than it with the smallest.
+        if run["system"] == "aioisolate-zygote" and run["param"] == {"rss_mib": 2048}:
+            run["samples"]["us"] = [1500.0]
+        if run["system"] == "python-floor" and run["param"] == {"rss_mib": 32}:
+            run["samples"]["us"] = [800.0]
+    found = verdicts(results)
+    assert found["zygote trivial call, parent at 2,048 MiB vs at 32 MiB"] == "missed by 0.167×"
+    floor = "zygote trivial call vs the Python sync fork floor, parent at 32 MiB"
+    assert found[floor] == "missed by 0.125×"  # 900 ÷ 800
+
+
 def test_fd_and_rss_growth_targets() -> None:
     results = synthetic(MEDIANS)
     growth = next(run for run in results["runs"] if run["scenario"] == "growth")
@@ -142,6 +164,9 @@ def test_render_shows_every_scenario_and_na_rows() -> None:
     assert "![" in text
     assert "(figure.png)" in text
     assert "| C floor: fork, _exit, waitpid | yes | n/a |" in text
+    # Zygote mode has a table of its own against the parent's size, not a fork cost row.
+    assert "| aioisolate, zygote mode | yes | n/a |" in text
+    assert "| aioisolate, zygote mode | yes | 2,048 MiB |" in text
 
 
 def test_write_page_keeps_the_prose_around_the_markers(tmp_path: Path) -> None:
@@ -166,7 +191,17 @@ def test_quick_plan_is_small() -> None:
     assert {param["mib"] for _, param in by_name["bandwidth"].rows} == {1}
     systems = {name for name, _ in by_name["latency"].rows}
     assert {"aioisolate", "c-floor", "python-floor", "multiprocessing"} <= systems
-    assert "pebble-concurrent" in systems
+    assert {"pebble-concurrent", "aioisolate-zygote"} <= systems
+    # The zygote's targets need every size, in quick mode too: few calls each instead.
+    assert by_name["zygote"].settings["calls"] <= 5
+    rows = {(name, param["rss_mib"]) for name, param in by_name["zygote"].rows}
+    assert rows >= {
+        (name, mib)
+        for name in ("aioisolate", "aioisolate-zygote", "python-floor")
+        for mib in (32, 2048)
+    }
+    assert {param["mib"] for _, param in by_name["argument"].rows} == {1, 100}
+    assert by_name["argument"].settings["reps"] <= 3
 
 
 MACHINE = {
