@@ -276,6 +276,16 @@ async def _spawn_in_zygote(
                 return _start_in_zygote(zygote, payload, options, stream, imports)
             except _zygote.Busy:
                 await zygote.wait_writable()
+            except _zygote.TooBig as exc:
+                if payload.inline is None:
+                    raise IsolationError(
+                        f"the call's request to the zygote is {exc.args[0]} bytes, more than "
+                        "its socket carries in one message: a very large env= or other option"
+                    ) from None
+                payload.to_file()  # the pickle goes in the file instead
+                payload.open()
+                for _ in payload.slices():
+                    await anyio.lowlevel.checkpoint()
     except OSError as exc:
         raise _cannot_start(exc) from exc
     finally:
@@ -298,6 +308,11 @@ def _start_in_zygote(
 ) -> _Child:
     _flush_parent_stdio()  # the child may write where we do
     opened: list[int] = []
+    watcher = None
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        cwd = None  # deleted: the child stays in the helper's working directory
     with _fds.lock:
         try:
             pipes, spill = _open_pipes(options, stream, opened)
@@ -333,7 +348,7 @@ def _start_in_zygote(
             )
             request = _zygote_main.Request(
                 plan,
-                os.getcwd(),
+                cwd,
                 payload.inline,
                 payload_at=payload.at,
                 payload_size=payload.size,
@@ -341,8 +356,7 @@ def _start_in_zygote(
                 imports=imports,
             )
             started = time.monotonic()
-            watcher = None
-            watcher = zygote.start_call(request, fds)
+            watcher = zygote.start_call(request, fds, payload.nbytes)
             for _, write_end in pipes.values():
                 opened.remove(write_end)
                 _fds.close(write_end)
@@ -396,11 +410,16 @@ def _fork() -> int:
             ),
             stacklevel=2,
         )
-    if sys.version_info < (3, 12):
-        return os.fork()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r".*multi-threaded.*fork", DeprecationWarning)
-        return os.fork()
+    return os.fork()
+
+
+if sys.version_info >= (3, 12):
+    # The interpreter's own warning about forking a threaded process comes with every fork:
+    # ours are covered by the policy above. A filter for this module alone, set once (changing
+    # filters around each fork would not be safe with the other threads running).
+    warnings.filterwarnings(
+        "ignore", r".*multi-threaded.*fork", DeprecationWarning, r"aioisolate\._call"
+    )
 
 
 def _output_target(how: str, pipe: tuple[int, int] | None) -> int:

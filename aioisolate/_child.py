@@ -87,7 +87,10 @@ def run(
         try:
             resident_at_start = _become_fresh_process(plan)
             if load is not None:
+                # Before the limits and the sandbox, as a forked child has its arguments
+                # before them: their copy is not growth, nor is the sandbox in their way.
                 func, args, plan = load(plan)
+            _confine(plan)
         except Exception as exc:
             frame = _protocol.encode_setup_error(exc)
         else:
@@ -150,6 +153,11 @@ def _become_fresh_process(plan: Plan) -> int:
             pass
 
     _forget_event_loops()
+    return resident_at_start
+
+
+def _confine(plan: Plan) -> None:
+    """The call's limits and sandbox, and the last of the setup: just before the function."""
     if plan.memory_limit is not None or plan.cpu_limit is not None:
         _limits.apply_in_child(plan.memory_limit, plan.cpu_limit)
     if plan.sandboxed:
@@ -163,7 +171,6 @@ def _become_fresh_process(plan: Plan) -> int:
     # Everything inherited is long-lived: moving it out of the collector's reach means a GC
     # pass in the child does not write to (and so copy) every page of the parent's heap.
     gc.freeze()
-    return resident_at_start
 
 
 def _rebind_stream(fd: int) -> None:

@@ -16,6 +16,7 @@ how it ended, and sends kills through it.
 from __future__ import annotations
 
 import array
+import collections
 import errno
 import itertools
 import json
@@ -25,6 +26,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
@@ -40,7 +42,6 @@ from ._zygote_main import (
     EXITED,
     FAILED,
     KILL,
-    KILL_ARGS,
     MAX_MESSAGE,
     READY,
     START,
@@ -109,6 +110,7 @@ class Zygote:
         self._ids = itertools.count(1)
         self._owner = os.getpid()
         self._config: dict[str, Any] = {}
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"<Zygote {self._state} pid={self.pid}>"
@@ -154,7 +156,7 @@ class Zygote:
 
     # The call's side (see _call.spawn): all synchronous, none of it waits.
 
-    def start_call(self, request: Request, fds: dict[str, int]) -> ZygoteWatcher:
+    def start_call(self, request: Request, fds: dict[str, int], arguments: int) -> ZygoteWatcher:
         """Send a call's request with the fds its child needs; return its watcher.
 
         Raises `Busy` when the helper's socket is full (wait with `wait_writable`, retry).
@@ -171,36 +173,40 @@ class Zygote:
             except _Gone:
                 # It died since the last call: that call's watcher says so; this one goes to a
                 # new helper.
-                helper = self._replace(helper)
-                helper.send(message, [status_w, *fds.values()])
+                with self._lock:
+                    helper = self._replace(helper) if helper is self._helper else self._current()
+                try:
+                    helper.send(message, [status_w, *fds.values()])
+                except _Gone:
+                    raise IsolationError(
+                        f"the zygote helper process {helper.pid} died as it started; its "
+                        "stderr says why"
+                    ) from None
             os.set_blocking(status_r, False)
         except BaseException:
             _fds.close(status_r)
             raise
         finally:
             _fds.close(status_w)
-        return ZygoteWatcher(self, helper, request.call_id, status_r)
+        return ZygoteWatcher(self, helper, request.call_id, status_r, arguments)
 
     async def wait_writable(self) -> None:
         """Wait until the helper can take another request (after `Busy`)."""
-        helper = self._current()
-        await anyio.wait_writable(helper.sock)
+        await self._current().wait_writable()
 
-    def send_kill(self, helper: _Helper, call_id: int, sig: int, *, group: bool) -> bool:
-        """Have the helper signal a call's child (and its group); False if it is gone."""
-        if helper.closed:
-            return False
-        try:
-            helper.send(KILL + KILL_ARGS.pack(call_id, sig, group), [], wait=True)
-        except (_Gone, Busy):
-            return False
-        return True
+    def send_kill(self, helper: _Helper, call_id: int, sig: int, *, group: bool) -> None:
+        """Have the helper signal a call's child (and its group); never blocks."""
+        helper.kill(KILL.pack(call_id, sig, group))
 
     def closed_by_owner(self, helper: _Helper) -> bool:
         """Whether ``helper`` was ended by `aclose` (not killed by something else)."""
         return self._state == "closed" and not helper.died_first
 
     def _current(self) -> _Helper:
+        with self._lock:  # one replacement, if two threads find the helper dead together
+            return self._current_locked()
+
+    def _current_locked(self) -> _Helper:
         if self._state != "open":
             raise RuntimeError(
                 "this Zygote is closed"
@@ -236,17 +242,24 @@ class Zygote:
         with _fds.lock:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             _fds.library_fds.update((ours.fileno(), theirs.fileno()))
+            kill_r, kill_w = os.pipe2(os.O_CLOEXEC)
+            _fds.library_fds.update((kill_r, kill_w))
             try:
-                # dup2 onto itself would leave close-on-exec set: pick another number then.
-                target = 3 if theirs.fileno() != 3 else 4
-                config = dict(self._config, fd=target)
+                # The helper finds its two fds at 3 and 4 (the boot script closes any other).
+                # Each goes first to a number above both, as dup2 onto itself would leave
+                # close-on-exec set.
+                high = max(5, theirs.fileno(), kill_r) + 1
+                config = dict(self._config, fd=3, kill_fd=4)
                 pid = os.posix_spawn(
                     sys.executable,
                     [sys.executable, _BOOT, json.dumps(config)],
                     os.environ,
                     file_actions=[
                         (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                        (os.POSIX_SPAWN_DUP2, theirs.fileno(), target),
+                        (os.POSIX_SPAWN_DUP2, theirs.fileno(), high),
+                        (os.POSIX_SPAWN_DUP2, kill_r, high + 1),
+                        (os.POSIX_SPAWN_DUP2, high, 3),
+                        (os.POSIX_SPAWN_DUP2, high + 1, 4),
                     ],
                     # Its own process group: Ctrl-C at the terminal is the parent's to handle.
                     setpgroup=0,
@@ -254,23 +267,31 @@ class Zygote:
                 )
             except BaseException:
                 _close_socket(ours)
+                _fds.close(kill_w)
                 raise
             finally:
                 _close_socket(theirs)
+                _fds.close(kill_r)
             ours.setblocking(False)
+            os.set_blocking(kill_w, False)
             try:
                 watcher = _platform.watch(pid, _platform.select_watcher(), _fds.library_fds)
             except BaseException:
                 _close_socket(ours)
+                _fds.close(kill_w)
                 os.kill(pid, signal.SIGKILL)
                 _platform.reap(pid, block=True)
                 raise
-        self._helper = helper = _Helper(pid, watcher, ours)
+        self._helper = helper = _Helper(pid, watcher, ours, kill_w)
         return helper
 
 
 class Busy(Exception):
     """The helper's socket is full: it has not read the requests before this one yet."""
+
+
+class TooBig(Exception):
+    """The request is larger than the socket can carry in one message."""
 
 
 class _Gone(Exception):
@@ -280,12 +301,19 @@ class _Gone(Exception):
 class _Helper:
     """One helper process: its socket and the watcher of its process."""
 
-    def __init__(self, pid: int, watcher: _platform.ChildWatcher, sock: socket.socket) -> None:
+    def __init__(
+        self, pid: int, watcher: _platform.ChildWatcher, sock: socket.socket, kills: int
+    ) -> None:
         self.pid = pid
         self.watcher = watcher
         self.sock = sock
+        self.kills = kills  # the kill pipe's write end
+        self.unsent: collections.deque[bytes] = (
+            collections.deque()
+        )  # kills the pipe had no room for
         self.closed = False
         self.died_first = False  # it was gone before we hung up
+        self._writable: anyio.Event | None = None  # set when a full socket has room again
 
     def alive(self) -> bool:
         return not self.closed and not self.exited()
@@ -312,24 +340,60 @@ class _Helper:
         why = data[1:].decode(errors="replace").strip() or "it exited without saying why"
         raise IsolationError(f"the zygote helper process {self.pid} could not start:\n{why}")
 
-    def send(self, message: bytes, fds: list[int], *, wait: bool = False) -> None:
+    def send(self, message: bytes, fds: list[int]) -> None:
+        """Send a request; raises `Busy` when the socket is full, `TooBig` when the message
+        cannot fit in it at all, `_Gone` when the helper's end is closed."""
+        self.flush_kills()
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
-        while True:
+        try:
+            self.sock.sendmsg([message], ancillary)
+        except BlockingIOError:
+            raise Busy() from None
+        except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError) as exc:
+            raise _Gone() from exc
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                raise TooBig(len(message)) from exc
+            raise
+
+    async def wait_writable(self) -> None:
+        """Wait until the socket has room. One task waits on the fd (anyio allows one per
+        fd); the others wait for it to say so."""
+        if self._writable is not None:
+            await self._writable.wait()
+            return
+        self._writable = event = anyio.Event()
+        try:
+            await anyio.wait_writable(self.sock)
+        except anyio.ClosedResourceError:
+            pass  # hung up meanwhile: the retry finds the zygote closed
+        finally:
+            self._writable = None
+            event.set()
+
+    def kill(self, record: bytes) -> None:
+        """Queue a kill for the helper: in the kill pipe at once if it has room (thousands
+        fit), else the next time anything is sent. Never blocks, never drops one."""
+        self.unsent.append(record)
+        self.flush_kills()
+
+    def flush_kills(self) -> None:
+        while self.unsent and not self.closed:
             try:
-                self.sock.sendmsg([message], ancillary)
-                return
+                os.write(self.kills, self.unsent[0])
             except BlockingIOError:
-                if not wait or not select.select([], [self.sock], [], 1.0)[1]:
-                    raise Busy() from None
-                wait = False  # once: the helper reads requests as fast as it forks
-            except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError) as exc:
-                raise _Gone() from exc
+                return  # a helper thousands of kills behind: they go with the next request
+            except OSError:
+                self.unsent.clear()  # the helper is gone, and its children with it
+                return
+            self.unsent.popleft()
 
     def hang_up(self) -> None:
         """Close our end: the helper kills its children and exits."""
         if not self.closed:
             self.closed = True
             _close_socket(self.sock)
+            _fds.close(self.kills)
 
     async def wait_gone(self, grace: float) -> None:
         with anyio.move_on_after(grace):
@@ -350,8 +414,13 @@ class ZygoteWatcher:
 
     pollable = True
 
-    def __init__(self, zygote: Zygote, helper: _Helper, call_id: int, fd: int) -> None:
+    def __init__(
+        self, zygote: Zygote, helper: _Helper, call_id: int, fd: int, arguments: int
+    ) -> None:
         self.pid = 0
+        # The pickled size of the call's arguments: what the child starts with beyond the
+        # helper's memory, about (it unpickles them before anything counts its growth).
+        self._arguments = arguments
         self.anonymous_at_fork: int | None = None
         self._zygote = zygote
         self._helper = helper
@@ -402,9 +471,13 @@ class ZygoteWatcher:
 
     def reap(self, *, block: bool = False) -> tuple[int, resource.struct_rusage] | None:
         if block:
+            # No event loop to wait with (an interrupt during cleanup): poll, which, unlike
+            # select, takes any fd number.
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
             deadline = time.monotonic() + _CLOSE_GRACE
             while not self.has_exited() and time.monotonic() < deadline:
-                select.select([self._fd], [], [], max(0.0, deadline - time.monotonic()))
+                poller.poll(max(0, int((deadline - time.monotonic()) * 1000)))
         return self._status
 
     def failure(self) -> Exception | None:
@@ -412,6 +485,10 @@ class ZygoteWatcher:
             return OSError(self._fork_errno, os.strerror(self._fork_errno))
         if not self._lost:
             return None
+        if not self.pid and self._helper.alive():
+            # It lives on, yet dropped the request without a word: it could not even take the
+            # request's fds, so could not say why on the status pipe it did not receive.
+            return OSError(errno.EMFILE, "the zygote helper could not take the call's fds")
         child = f"child process {self.pid}" if self.pid else "the call's child (not yet forked)"
         if self._zygote.closed_by_owner(self._helper):
             why = "the Zygote was closed while the call ran; the helper killed its children"
@@ -457,7 +534,7 @@ class ZygoteWatcher:
             fields = record.unpack_from(self._buffer)
             self._buffer = self._buffer[record.size :]
             if kind == b"s":
-                self.pid, self.anonymous_at_fork = fields[1], fields[2]
+                self.pid, self.anonymous_at_fork = fields[1], fields[2] + self._arguments
             elif kind == b"x":
                 self._status = fields[1], _rusage(fields[2:])
             else:
@@ -494,11 +571,27 @@ class Payload:
         if not buffers and len(data) <= INLINE_MAX:
             self.inline = data
             return
+        self._to_file(data, buffers)
+
+    def to_file(self) -> None:
+        """Go in the file after all (a request too large for the socket with it inline)."""
+        if self.inline is not None:
+            data, self.inline = self.inline, None
+            self._to_file(data, [])
+
+    def _to_file(self, data: bytes, buffers: list[memoryview]) -> None:
         table, offsets, end = _spill.layout(buffers)
         payload = table + data
         self.at = -(-end // 4096) * 4096
         self.size = len(payload)
         self._writes = [*zip(buffers, offsets, strict=True), (payload, self.at)]
+
+    @property
+    def nbytes(self) -> int:
+        """The pickle's size, buffers included."""
+        if self.inline is not None:
+            return len(self.inline)
+        return sum(memoryview(data).nbytes for data, _ in self._writes)
 
     def open(self) -> None:
         """Create the file (when one is needed)."""

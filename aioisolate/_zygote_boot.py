@@ -10,12 +10,16 @@ does ``from aioisolate import isolated``) gets all of it then, through the packa
 
 import importlib.util
 import json
+import os
 import sys
 import types
 from typing import Any
 
 
 def main() -> None:
+    # Only stdin, stdout, stderr, the socket (3) and the kill pipe (4) are ours: an fd the
+    # parent had left inheritable would otherwise stay open here for the helper's whole life.
+    os.closerange(5, os.sysconf("SC_OPEN_MAX"))
     config = json.loads(sys.argv[1])
     sys.path[:] = config["path"]
     spec = importlib.util.find_spec("aioisolate")

@@ -9,8 +9,13 @@ another thread at that moment. It talks with the parent over one Unix seqpacket 
 * the helper forks, and writes to the status pipe ``STARTED`` (the pid), later ``EXITED`` (the
   wait status and resource usage), or ``FAILED`` (fork's errno); then closes it. A status pipe
   closed with no ``EXITED`` means the helper died;
-* the parent sends ``KILL`` to signal a call's child, and its process group. The helper alone
-  reaps its children, so it alone knows that a pid still names the child: kills go through it.
+* the parent writes ``KILL`` records to the *kill pipe* to signal a call's child, and its
+  process group. The helper alone reaps its children, so it alone knows that a pid still names
+  the child: kills go through it. They have a pipe of their own, read before the socket, so
+  that a queue of requests never holds a kill back.
+
+A request the helper cannot carry out (no fds left, no memory to fork, a message too large)
+gets ``FAILED`` on its status pipe; the helper goes on serving the others.
 
 End of file on the socket (the parent closed the zygote, or died) kills every child still
 running, and their process groups, and ends the helper. Its children die with it (each asks
@@ -22,6 +27,7 @@ from __future__ import annotations
 import _signal
 import array
 import dataclasses
+import errno
 import gc
 import importlib
 import mmap
@@ -33,15 +39,15 @@ import socket
 import struct
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, NoReturn
 
 from . import _child, _platform, _spill
 
-# Control messages, parent to helper (the first byte says which).
+# A request, parent to helper on the socket (the first byte says what it is).
 START: Final = b"S"
-KILL: Final = b"K"
-KILL_ARGS: Final = struct.Struct(">Qi?")  # call id, signal, whether to its process group too
+# A kill, parent to helper on the kill pipe: call id, signal, whether to its process group too.
+KILL: Final = struct.Struct(">Qi?")
 # Helper to parent on the control socket, once: ready, or why it could not start.
 READY: Final = b"R"
 BROKEN: Final = b"E"
@@ -51,9 +57,9 @@ STARTED: Final = struct.Struct(">ciQ")  # b"s", pid, the helper's anonymous memo
 EXITED: Final = struct.Struct(">ci16d")  # b"x", wait status, struct rusage's 16 fields
 FAILED: Final = struct.Struct(">ci")  # b"f", fork's errno
 
-# A START message is a small header and, for small payloads, the pickle itself.
-# Below malloc's mmap threshold (128 KiB): the receive buffer then comes from the heap.
-MAX_MESSAGE: Final = 96 << 10
+# The largest message a Unix socket can carry here is its send buffer (net.core.wmem_max,
+# 208 KiB by default): the helper's receive buffer is larger, so no message is ever cut.
+MAX_MESSAGE: Final = 1 << 20
 MAX_FDS: Final = 8
 
 
@@ -62,7 +68,7 @@ class Request:
     """A START message, as the parent pickles it (plain pickle: plain fields only)."""
 
     plan: _child.Plan  # its fd fields are filled in by the helper
-    cwd: str  # the parent's, for the child to work in (unless the call sets one)
+    cwd: str | None  # the parent's, for the child to work in (unless the call sets one)
     payload: bytes | None  # the pickled function, arguments and codec; None: in the file
     payload_at: int = 0  # where the payload starts in the file "payload" (see _spill)
     payload_size: int = 0
@@ -85,6 +91,8 @@ class _Running:
 def main(config: dict[str, Any]) -> NoReturn:
     """Run the helper; ``config`` comes from the parent (see `_zygote.Zygote`)."""
     sock = socket.socket(fileno=config["fd"])
+    kills = config["kill_fd"]
+    os.set_blocking(kills, False)
     try:
         for name in config["preload"]:
             importlib.import_module(name)
@@ -95,14 +103,20 @@ def main(config: dict[str, Any]) -> NoReturn:
     # collection in the helper or in a child does not touch (and so copy) all of its pages.
     gc.freeze()
     _send_quietly(sock, READY)
-    _Helper(sock).serve()
+    _Helper(sock, kills).serve()
 
 
 class _Helper:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, kills: int) -> None:
         self.sock = sock
+        self.kills = kills
+        self.buffer = bytearray(MAX_MESSAGE)  # one, reused: no large allocation per request
         self.by_pid: dict[int, _Running] = {}
         self.by_call: dict[int, _Running] = {}
+        # Kills read before their call's request (the kill pipe is read first): applied once
+        # the child is forked. Call ids only grow, so those below the last request are stale.
+        self.early: dict[int, list[tuple[int, bool]]] = {}
+        self.last_call = 0
         # SIGCHLD wakes the poll below through this pipe. A handler, not SIG_IGN, which would
         # have the kernel reap children before we read their status.
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -112,20 +126,33 @@ class _Helper:
     def serve(self) -> NoReturn:
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self.kills, select.POLLIN)
         poller.register(self.wake_r, select.POLLIN)
         while True:
-            for fd, _ in poller.poll():
-                if fd == self.wake_r:
-                    _drain(self.wake_r)
-                    self.reap()
-                elif not self.receive():
-                    self.shut_down()
+            ready = {fd for fd, _ in poller.poll()}
+            # Kills first: they may be for children of requests still waiting in the socket.
+            if self.kills in ready:
+                self.read_kills()
+            if self.wake_r in ready:
+                _drain(self.wake_r)
+                self.reap()
+            if self.sock.fileno() in ready and not self.receive():
+                self.shut_down()
+
+    def read_kills(self) -> None:
+        try:
+            data = os.read(self.kills, KILL.size * 256)
+        except BlockingIOError:
+            return
+        # Records are written whole (far below PIPE_BUF), so a read holds whole records.
+        for offset in range(0, len(data) - KILL.size + 1, KILL.size):
+            self.kill(*KILL.unpack_from(data, offset))
 
     def receive(self) -> bool:
         """Handle one message; False at end of file (the parent closed us, or died)."""
         try:
-            data, ancillary, flags, _ = self.sock.recvmsg(
-                MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4)
+            size, ancillary, flags, _ = self.sock.recvmsg_into(
+                [self.buffer], socket.CMSG_SPACE(MAX_FDS * 4)
             )
         except (BlockingIOError, InterruptedError):
             return True
@@ -135,54 +162,65 @@ class _Helper:
         for level, kind, cdata in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-        if not data and not fds:
+        if not size and not fds:
             return False
-        if data[:1] == START and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            self.start(pickle.loads(data[1:]), list(fds))
-        else:
-            for fd in fds:
-                os.close(fd)
-            if data[:1] == KILL:
-                self.kill(*KILL_ARGS.unpack(data[1:]))
+        data = memoryview(self.buffer)[:size]
+        problem = 0
+        if flags & socket.MSG_CTRUNC:
+            problem = errno.EMFILE  # we could not take all of its fds
+        elif flags & socket.MSG_TRUNC or not size or data[0] != START[0]:
+            problem = errno.EMSGSIZE
+        if problem:
+            # The status pipe comes first: say why there will be no child, on it.
+            if fds:
+                _write_quietly(fds[0], FAILED.pack(b"f", problem))
+            _close_all(fds)
+            return True
+        self.start(data[1:], list(fds))
         return True
 
-    def start(self, request: Request, fds: list[int]) -> None:
-        for name in request.imports:
-            if name not in sys.modules:
-                try:
-                    importlib.import_module(name)
-                except Exception:
-                    pass  # the child tries again, and reports why it cannot
-        given = dict(zip(request.fd_names, fds, strict=True))
-        status = given.pop("status")
-        payload_fd = given.pop("payload", -1)
-        plan = request.plan
-        plan = dataclasses.replace(
-            plan,
-            write_fd=given["result"],
-            stdout=given.get("stdout", plan.stdout),
-            stderr=given.get("stderr", plan.stderr),
-            spill_fd=given.get("spill", -1),
-            parent_pid=os.getpid(),
-            # Ours, and every other call's status pipe: not the child's business.
-            inherited_fds=[
-                self.sock.fileno(),
-                self.wake_r,
-                self.wake_w,
-                status,
-                *(running.status_fd for running in self.by_pid.values()),
-            ],
-        )
-        _, anonymous = _platform.resident_memory()
-        sigmask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
+    def start(self, message: memoryview, fds: list[int]) -> None:
         try:
-            pid = os.fork()
-        except OSError as exc:
-            _signal.pthread_sigmask(_signal.SIG_SETMASK, sigmask)
-            _write_quietly(status, FAILED.pack(b"f", exc.errno or 0))
-            for fd in (status, payload_fd, *given.values()):
-                if fd >= 0:
-                    os.close(fd)
+            request: Request = pickle.loads(message)
+            for name in request.imports:
+                if name not in sys.modules:
+                    try:
+                        importlib.import_module(name)
+                    except Exception:
+                        pass  # the child tries again, and reports why it cannot
+            given = dict(zip(request.fd_names, fds, strict=True))
+            status = given.pop("status")
+            payload_fd = given.pop("payload", -1)
+            plan = dataclasses.replace(
+                request.plan,
+                write_fd=given["result"],
+                stdout=given.get("stdout", request.plan.stdout),
+                stderr=given.get("stderr", request.plan.stderr),
+                spill_fd=given.get("spill", -1),
+                parent_pid=os.getpid(),
+                # Ours, and every other call's status pipe: not the child's business.
+                inherited_fds=[
+                    self.sock.fileno(),
+                    self.kills,
+                    self.wake_r,
+                    self.wake_w,
+                    status,
+                    *(running.status_fd for running in self.by_pid.values()),
+                ],
+            )
+            _, anonymous = _platform.resident_memory()
+            sigmask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
+            try:
+                pid = os.fork()
+            finally:
+                if os.getpid() == plan.parent_pid:
+                    _signal.pthread_sigmask(_signal.SIG_SETMASK, sigmask)
+        except Exception as exc:
+            # Out of fds, memory or processes, or a request we cannot read: not a reason to
+            # fail the other calls. This one fails, on its status pipe (the first fd).
+            if fds:
+                _write_quietly(fds[0], FAILED.pack(b"f", getattr(exc, "errno", 0) or errno.EIO))
+            _close_all(fds)
             return
         if pid == 0:
             try:
@@ -190,22 +228,27 @@ class _Helper:
                 _child.run(_unloaded, (), dataclasses.replace(plan, sigmask=sigmask), load)
             finally:
                 os._exit(_child.EXIT_INTERNAL)
-        _signal.pthread_sigmask(_signal.SIG_SETMASK, sigmask)
+        # From here nothing may fail: the child runs, and its call must hear how it ends.
         try:
             os.setpgid(pid, pid)  # as the child does itself: whichever runs first
         except OSError:
             pass
-        for fd in (payload_fd, *given.values()):
-            if fd >= 0:
-                os.close(fd)
+        _close_all(fd for fd in (payload_fd, *given.values()) if fd >= 0)
         running = _Running(request.call_id, pid, status, request.kill_descendants)
         self.by_pid[pid] = self.by_call[request.call_id] = running
         _write_quietly(status, STARTED.pack(b"s", pid, anonymous))
+        self.last_call = request.call_id
+        for sig, group in self.early.pop(request.call_id, ()):
+            self.kill(request.call_id, sig, group)
+        for stale in [call for call in self.early if call < request.call_id]:
+            del self.early[stale]  # its request failed: there is nothing to kill
 
     def kill(self, call_id: int, sig: int, group: bool) -> None:
         running = self.by_call.get(call_id)
         if running is None:
-            return  # reaped already, or never forked
+            if call_id > self.last_call:
+                self.early.setdefault(call_id, []).append((sig, group))  # not forked yet
+            return  # else reaped already, or never forked
         # Not reaped yet: the pid, and the group id, are still the child's.
         try:
             os.kill(running.pid, sig)
@@ -264,7 +307,7 @@ def _loader(
         os.close(payload_fd)
 
     def load(plan: _child.Plan) -> tuple[Callable[..., Any], tuple[Any, ...], _child.Plan]:
-        if plan.sandbox.cwd is None:
+        if plan.sandbox.cwd is None and request.cwd is not None:
             os.chdir(request.cwd)
         try:
             if mapping is None:
@@ -274,7 +317,7 @@ def _loader(
                 start = request.payload_at
                 view = memoryview(mapping)[start : start + request.payload_size]
                 func, args, codec = _spill.load(view, mapping)
-        except Exception as exc:
+        except ImportError as exc:
             raise RuntimeError(
                 "the function and its arguments could not be unpickled in the zygote's child "
                 f"({exc!r}); the helper must be able to import the modules they come from "
@@ -283,6 +326,14 @@ def _loader(
         return func, args, dataclasses.replace(plan, codec=codec)
 
     return load
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def _unloaded() -> None:

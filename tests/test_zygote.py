@@ -29,6 +29,7 @@ from helpers import Channel, is_gone, one_variant, wait_until
 from aioisolate import (
     ChildCrashed,
     IsolationError,
+    IsolationTimeout,
     Isolator,
     Zygote,
     ZygoteDied,
@@ -360,3 +361,91 @@ async def test_a_big_threaded_parent_runs_200_zygote_calls_without_deadlock() ->
         thread.join()
         log.removeHandler(handler)
         del big
+
+
+def sleep_long(padding: bytes) -> None:
+    time.sleep(600)
+
+
+async def test_many_calls_at_once_fill_the_socket_and_all_go_through(zygote: Zygote) -> None:
+    # 150 requests of 2 KB and 32 of 16 KB do not fit in the socket at once: calls wait
+    # their turn to send, together.
+    limiter = anyio.CapacityLimiter(1000)
+    results: list[int] = []
+
+    async def call(size: int) -> None:
+        results.append(await isolated(len, bytes(size), zygote=zygote, limiter=limiter))
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for _ in range(150):
+                tg.start_soon(call, 2_000)
+            for _ in range(32):
+                tg.start_soon(call, 16_000)
+    assert sorted(results) == [2_000] * 150 + [16_000] * 32
+
+
+async def test_kills_get_through_while_requests_queue_up(zygote: Zygote) -> None:
+    # Each 60 KB request takes much of the socket; their timeouts' kills must not wait behind
+    # the requests still queued, nor be dropped.
+    limiter = anyio.CapacityLimiter(100)
+    timed_out = 0
+
+    async def call() -> None:
+        nonlocal timed_out
+        with pytest.raises(IsolationTimeout):
+            await isolated(sleep_long, bytes(60_000), zygote=zygote, limiter=limiter, timeout=0.5)
+        timed_out += 1
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for _ in range(12):
+                tg.start_soon(call)
+    assert timed_out == 12
+
+
+async def test_a_deleted_working_directory_is_not_an_error(
+    zygote: Zygote, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    # The child stays in the helper's working directory, as it cannot enter the caller's.
+    assert await isolated(abs, -3, zygote=zygote) == 3
+
+
+async def test_a_request_the_helper_cannot_serve_fails_alone(zygote: Zygote) -> None:
+    helper = psutil.Process(zygote.pid)
+    limits = helper.rlimit(psutil.RLIMIT_NOFILE)
+    helper.rlimit(psutil.RLIMIT_NOFILE, (helper.num_fds(), limits[1]))  # no fd to spare
+    try:
+        with pytest.raises(IsolationError, match="could not start a child process"):
+            await isolated(abs, -1, zygote=zygote)
+    finally:
+        helper.rlimit(psutil.RLIMIT_NOFILE, limits)
+    assert zygote.pid == helper.pid  # it went on serving
+    assert await isolated(abs, -2, zygote=zygote) == 2
+
+
+async def test_a_request_too_large_for_the_socket(zygote: Zygote) -> None:
+    # With the payload inline the request would not fit: it goes in the file instead.
+    env = {f"VARIABLE_{i}": f"{i:05d}" * 20 for i in range(1500)}  # about 170 KB
+    assert await isolated(len, bytes(60_000), zygote=zygote, env=env) == 60_000
+    # What cannot move to the file is a clear error.
+    huge = {f"VARIABLE_{i}": f"{i:05d}" * 200 for i in range(2000)}  # about 2 MB
+    with pytest.raises(IsolationError, match="more than its socket carries|Message too long"):
+        await isolated(abs, -1, zygote=zygote, env=huge)
+
+
+def length_under_limit(data: bytes) -> int:
+    return len(data)
+
+
+async def test_arguments_are_not_counted_against_the_memory_limit(zygote: Zygote) -> None:
+    data = bytes(80 << 20)
+    # As in fork mode, the child starts with its arguments: the limit is for what it adds.
+    assert await isolated(length_under_limit, data, zygote=zygote, memory_limit="50MiB") == len(
+        data
+    )
+    assert await isolated(length_under_limit, data, memory_limit="50MiB") == len(data)
