@@ -164,6 +164,7 @@ class Zygote:
         helper = self._current()
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         _fds.library_fds.update((status_r, status_w))
+        sent = False
         try:
             request.call_id = next(self._ids)
             request.fd_names = ("status", *fds)
@@ -182,8 +183,11 @@ class Zygote:
                         f"the zygote helper process {helper.pid} died as it started; its "
                         "stderr says why"
                     ) from None
+            sent = True
             os.set_blocking(status_r, False)
         except BaseException:
+            if sent:  # interrupted after all (a KeyboardInterrupt): nobody will watch the child
+                helper.kill(KILL.pack(request.call_id, signal.SIGKILL, request.kill_descendants))
             _fds.close(status_r)
             raise
         finally:

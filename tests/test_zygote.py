@@ -449,3 +449,31 @@ async def test_arguments_are_not_counted_against_the_memory_limit(zygote: Zygote
         data
     )
     assert await isolated(length_under_limit, data, memory_limit="50MiB") == len(data)
+
+
+class Interrupt(BaseException):
+    """Stands in for KeyboardInterrupt, which would also stop pytest itself."""
+
+
+async def test_an_interrupt_right_after_the_request_is_sent_kills_the_child(
+    zygote: Zygote, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    helper = psutil.Process(zygote.pid)
+    real_set_blocking = os.set_blocking
+    sent: list[int] = []
+
+    def interrupted(fd: int, blocking: bool) -> None:
+        real_set_blocking(fd, blocking)
+        if not sent:
+            sent.append(fd)
+            raise Interrupt
+
+    monkeypatch.setattr(zygote_module.os, "set_blocking", interrupted)
+    with pytest.raises(Interrupt):
+        await isolated(time.sleep, 600, zygote=zygote)
+    monkeypatch.undo()
+    assert sent
+    # The helper serves requests in order: once this call is done, it has forked the first.
+    assert await isolated(abs, -1, zygote=zygote) == 1
+    # That child was killed at once, and reaped, not left to sleep.
+    assert wait_until(lambda: helper.children() == [])
