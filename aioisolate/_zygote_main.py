@@ -102,8 +102,11 @@ def main(config: dict[str, Any]) -> NoReturn:
     # What is here now lives as long as the helper: out of the collector's way, so that a
     # collection in the helper or in a child does not touch (and so copy) all of its pages.
     gc.freeze()
+    helper = _Helper(sock, kills)
+    # Ready only once everything the loop needs is open: a caller may look at (or limit) the
+    # helper's fds as soon as it hears this.
     _send_quietly(sock, READY)
-    _Helper(sock, kills).serve()
+    helper.serve()
 
 
 class _Helper:
