@@ -162,12 +162,14 @@ def _confine(plan: Plan) -> None:
         _limits.apply_in_child(plan.memory_limit, plan.cpu_limit)
     if plan.sandboxed:
         _sandbox.apply(plan.sandbox, keep_fds={plan.write_fd, plan.spill_fd})
-    if plan.stderr >= 0:
-        # stderr is captured: a crash then reports the Python line it happened on.
-        # If the parent had it enabled, enable() alone would see it "already enabled" and not
-        # install the handlers that _reset_signal_handlers removed.
+    if plan.stderr >= 0 or faulthandler.is_enabled():
+        # A crash then reports the Python line it happened on: always when stderr is captured,
+        # and when the parent had faulthandler on (python -X faulthandler, pytest), as it would
+        # have there. Re-enabled, as _reset_signal_handlers removed its handlers but not its
+        # flag: enable() alone (ours, or the function's own) would see it "already enabled" and
+        # install nothing. fd 2, as sys.stderr may be an object without one.
         faulthandler.disable()
-        faulthandler.enable(file=sys.stderr, all_threads=True)
+        faulthandler.enable(file=2, all_threads=True)
     # Everything inherited is long-lived: moving it out of the collector's reach means a GC
     # pass in the child does not write to (and so copy) every page of the parent's heap.
     gc.freeze()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import pickle
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -144,6 +146,33 @@ async def test_child_killed_by_a_signal(func: object, sig: signal.Signals) -> No
     assert err.pid > 0
     assert err.pid != os.getpid()
     assert f"killed by {sig.name}" in str(err)
+
+
+def enable_faulthandler_then_segfault(path: str) -> None:
+    faulthandler.enable(file=os.open(path, os.O_WRONLY))
+    segfault()
+
+
+async def test_faulthandler_enabled_by_the_function_reports_a_crash(tmp_path: Path) -> None:
+    # This process has faulthandler on (pytest's plugin enables it): the child must not be
+    # left with its flag set but its handlers gone, where the function's enable() does nothing.
+    assert faulthandler.is_enabled()
+    dump = tmp_path / "dump"
+    dump.touch()
+    with pytest.raises(ChildCrashed):
+        await isolated(enable_faulthandler_then_segfault, str(dump))
+    text = dump.read_text()
+    assert "Fatal Python error: Segmentation fault" in text
+    assert "in enable_faulthandler_then_segfault" in text
+
+
+@pytest.mark.fork_only(reason="about the parent's faulthandler, which a zygote's children lack")
+async def test_faulthandler_of_the_parent_stays_on_in_the_child() -> None:
+    assert faulthandler.is_enabled()
+    # The crash's Python frames come on the child's stderr, as they would in this process.
+    with pytest.raises(ChildCrashed, match=r"(?s)Segmentation fault.*line \d+ in segfault"):
+        await isolated(segfault, stderr="capture")
+    assert await isolated(faulthandler.is_enabled) is True
 
 
 @pytest.mark.parametrize("code", [0, 3, 255])
