@@ -6,7 +6,12 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+import signal
+import subprocess
+import sys
 import textwrap
+import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -195,6 +200,11 @@ def test_a_leak_stays_in_the_child(pytester: pytest.Pytester) -> None:
             assert LEAKED == []
             grown = psutil.Process().memory_info().rss - START
             assert grown < 50 << 20, grown
+            # Nor did it keep anything of the children: no process, no fd.
+            assert psutil.Process().children() == []
+            assert psutil.Process().num_fds() == FDS
+
+        FDS = psutil.Process().num_fds()
     """
     run(pytester, test_leak=suite).assert_outcomes(passed=6)
 
@@ -649,3 +659,54 @@ def test_the_summary_says_when_no_test_ran_isolated(pytester: pytest.Pytester) -
     result = run(pytester, "--isolated-report", test_plain="def test_plain():\n    pass\n")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*isolated tests: the heaviest*", "no test ran isolated"])
+
+
+def test_the_docs_example_runs_as_documented(pytester: pytest.Pytester) -> None:
+    page = Path(__file__).parents[1] / "docs" / "pytest.md"
+    match = re.search(r"```python\n(.*?)```", page.read_text(), re.S)
+    assert match is not None
+    run(pytester, test_example=match[1]).assert_outcomes(passed=2, xfailed=1)
+
+
+def test_ctrl_c_stops_the_run_and_kills_the_child(pytester: pytest.Pytester) -> None:
+    pid_file = pytester.path / "child.pid"
+    suite = f"""
+        import os
+        import time
+        import pytest
+
+        @pytest.mark.isolated
+        def test_waits():
+            with open({str(pid_file)!r} + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename({str(pid_file)!r} + ".tmp", {str(pid_file)!r})
+            time.sleep(60)
+    """
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    path = pytester.makepyfile(test_interrupt=textwrap.dedent(suite))
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(path)],
+        cwd=pytester.path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists():  # written once the test runs, in the child
+            assert runner.poll() is None, runner.communicate()
+            assert time.monotonic() < deadline, "the isolated test never started"
+            time.sleep(0.05)
+        child = psutil.Process(int(pid_file.read_text()))
+        # Ctrl-C at a terminal signals the foreground group: the runner (the child has a
+        # group of its own, so that its fate is the runner's to decide).
+        runner.send_signal(signal.SIGINT)
+        out, _ = runner.communicate(timeout=60)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.communicate()
+    assert runner.returncode == pytest.ExitCode.INTERRUPTED
+    assert b"KeyboardInterrupt" in out
+    gone, alive = psutil.wait_procs([child], timeout=10)
+    assert alive == []
