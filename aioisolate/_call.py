@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Final
 
 import anyio
@@ -381,6 +381,27 @@ def _is_open(fd: int) -> bool:
 
 # Whether ThreadedForkWarning was issued: once per process (see docs/how-it-works.md).
 _warned_threads = False
+# Set while the pytest plugin forks a test (see quiet_forks).
+_quiet = False
+
+
+@contextlib.contextmanager
+def quiet_forks() -> Iterator[None]:
+    """No fork-with-threads warning, ours or Python's, for the forks made inside: the pytest
+    plugin's. Its parent's threads are the test runner's, and the advice (zygote mode) cannot
+    apply to a test; pytest's own warning filters for each test would let Python's through.
+    A child forked inside must call `end_quiet_forks`, for the forks it makes itself."""
+    global _quiet
+    previous, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = previous
+
+
+def end_quiet_forks() -> None:
+    global _quiet
+    _quiet = False
 
 
 def _fork() -> int:
@@ -388,6 +409,12 @@ def _fork() -> int:
     runs warns, once per process; Python 3.12+'s own warning, which would come with every
     call, is silenced for our forks."""
     global _warned_threads
+    if _quiet:
+        # Around the fork alone, which both processes leave: the child has the filters the
+        # parent had.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r".*multi-threaded.*fork", DeprecationWarning)
+            return os.fork()
     if threading.active_count() == 1:
         return os.fork()
     me = threading.current_thread()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import resource
 import select
 import signal
@@ -446,3 +447,51 @@ def peak_resident() -> int:
     """This process's peak resident memory so far, in bytes (in a child just forked: its
     resident size at fork)."""
     return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF))
+
+
+_EPOLL_TARGET: Final = re.compile(
+    r"^tfd:\s*(?P<fd>\d+)\s+events:\s*(?P<events>[0-9a-f]+)\s+data:\s*(?P<data>[0-9a-f]+)", re.M
+)
+
+
+def unshare_epolls() -> None:
+    """Give each epoll instance this forked child inherited a copy of its own.
+
+    fork shares an epoll instance, registrations included: a child that runs its copy of the
+    parent's event loop (as the pytest plugin's child does, for an async test whose fixtures
+    made the loop) would add and remove fds in the parent's instance, under the parent's loop.
+    Linux lists each instance's registrations in /proc, from which the copy is made; the copy
+    then takes the same fd number. An instance registered with data other than the fd (not
+    Python's, libuv's or trio's) is left as it is. Elsewhere there is nothing to do: kqueue is
+    not inherited through fork.
+    """
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in names:
+        fd = int(name)
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as f:
+                info = f.read()
+        except OSError:
+            continue  # the fd listdir itself used, closed since
+        targets = [
+            (int(m["fd"]), int(m["events"], 16), int(m["data"], 16))
+            for m in _EPOLL_TARGET.finditer(info)
+        ]
+        # Python sets only the low 32 bits of the data (to the fd); the rest may be anything.
+        if any(data & 0xFFFFFFFF != target for target, _, data in targets):
+            continue
+        copy = select.epoll()
+        try:
+            for target, events, _ in targets:
+                try:
+                    copy.register(target, events)
+                except OSError:
+                    pass  # closed or replaced in this child since (a pipe of the parent's)
+            os.dup2(copy.fileno(), fd, inheritable=False)
+        finally:
+            copy.close()

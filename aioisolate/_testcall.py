@@ -14,21 +14,24 @@ import asyncio
 import contextvars
 import dataclasses
 import faulthandler
+import logging
 import os
+import pickle
 import re
 import signal
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import anyio
 import cloudpickle
 import pytest
+from _pytest.runner import get_reraise_exceptions
 
-from . import _call
-from ._api import isolated_with_report
+from . import _api, _call, _platform
 from ._errors import (
     ChildCrashed,
     CPULimitExceeded,
@@ -41,9 +44,20 @@ from ._report import CallReport, _size
 
 MARKER: Final = "isolated"
 
-# The plugin decides where output goes and how the report comes back.
+# The plugin decides where output goes and how the report comes back; and pytest's capture
+# and the plugin's own files must stay open in the child.
 _RESERVED: Final = frozenset(
-    {"stdout", "stderr", "max_output", "codec", "max_result_size", "zygote", "limiter"}
+    {
+        "stdout",
+        "stderr",
+        "max_output",
+        "codec",
+        "max_result_size",
+        "zygote",
+        "limiter",
+        "close_fds",
+        "pass_fds",
+    }
 )
 # A test is the work itself, not background work: it runs at the parent's priority. With a
 # timeout, SIGTERM comes first so that the child can say where it was (see _child_side).
@@ -81,12 +95,18 @@ class Figures:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Outcome:
-    """What the child sends back: its report, the output sections it added to the item, and
-    the warnings pytest would have recorded."""
+    """What the child sends back: its report, and what its call phase did that the parent
+    must see (see `_take_outcome`); or that the test raised KeyboardInterrupt."""
 
-    report: dict[str, Any]
-    sections: list[tuple[str, str, str]]
-    warnings: list[warnings.WarningMessage]
+    report: bytes | dict[str, Any]
+    sections: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    warnings: list[warnings.WarningMessage] = dataclasses.field(default_factory=list)
+    logged: list[bytes | dict[str, Any]] = dataclasses.field(default_factory=list)
+    failed_subtests: int = 0
+    properties: list[tuple[str, object]] = dataclasses.field(default_factory=list)
+    attributes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    log_records: list[logging.LogRecord] | None = None
+    interrupted: bool = False
 
 
 class MarkerError(Exception):
@@ -97,8 +117,35 @@ def wants_isolation(item: pytest.Item, isolate_all: bool) -> bool:
     return isolate_all or item.get_closest_marker(MARKER) is not None
 
 
+# The limits set for the whole run (command line or ini file), which markers override.
+SUITE_OPTIONS: Final = pytest.StashKey[dict[str, Any]]()
+LIMITS: Final = {
+    "timeout": "seconds an isolated test may run before it is killed",
+    "memory_limit": "how much an isolated test may add to what it inherited ('512MiB')",
+    "cpu_limit": "CPU seconds an isolated test may use",
+}
+
+
+def suite_options(config: pytest.Config) -> dict[str, Any]:
+    """The limits the run sets for every isolated test; raises ``pytest.UsageError`` for a
+    value that is not one."""
+    options: dict[str, Any] = {}
+    for name in LIMITS:
+        value = config.getoption(f"isolated_{name}") or config.getini(f"isolated_{name}")
+        if value in (None, ""):
+            continue
+        try:
+            options[name] = value if name == "memory_limit" else float(value)
+            DEFAULTS.merge({name: options[name]})  # type: ignore[misc]
+        except (TypeError, ValueError) as exc:
+            flag = f"--isolated-{name.replace('_', '-')}"
+            raise pytest.UsageError(f"{flag} (or isolated_{name} in the ini file): {exc}") from None
+    return options
+
+
 def options_for(item: pytest.Item) -> CallOptions:
-    """The call options of an isolated test: the plugin's defaults and its marker's options.
+    """The call options of an isolated test: the plugin's defaults, then the run's
+    (`suite_options`), then its marker's.
 
     Raises `MarkerError` for a marker that names what the plugin cannot take.
     """
@@ -113,9 +160,11 @@ def options_for(item: pytest.Item) -> CallOptions:
     if reserved:
         raise MarkerError(
             f"@pytest.mark.{MARKER} cannot set {', '.join(sorted(reserved))}: the plugin "
-            "decides where a test's output goes and how its report comes back"
+            "decides where a test's output goes and how its report comes back, and keeps "
+            "pytest's files open in the child"
         )
-    options: dict[str, Any] = {**_PLUGIN_DEFAULTS, **kwargs}
+    suite: dict[str, Any] = item.config.stash[SUITE_OPTIONS]
+    options: dict[str, Any] = {**_PLUGIN_DEFAULTS, **suite, **kwargs}
     try:
         DEFAULTS.merge(options)  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
@@ -125,18 +174,21 @@ def options_for(item: pytest.Item) -> CallOptions:
 
 def run_call_phase(item: pytest.Item) -> pytest.TestReport:
     """Run the test's call phase in a forked child; log and return its report."""
-    # The sink of pytest's warning capture for this test (entered around the whole protocol,
-    # before any fixture could put its own recorder in front): what the child's test warns
-    # goes there in the child, and the child sends it back for the parent's copy.
+    # The sink of pytest's warning capture for this test, or of a recorder a fixture put in
+    # front of it (recwarn): what the test warns goes there in the child, and comes back to
+    # the parent's copy.
     sink = getattr(warnings, "_showwarnmsg_impl", None)
     log = getattr(sink, "__self__", None)
     if not isinstance(log, list):
         log = None
+    config = item.config
+    calls: list[CallReport] = []
+    started, clock = time.time(), time.perf_counter()
     with tempfile.TemporaryFile() as fault_file:
         failure: BaseException | None = None
         try:
-            outcome, figures = _run_child(item, options_for(item), fault_file.fileno(), log)
-        except _reraised(item.config):
+            outcome = _run_child(item, options_for(item), fault_file.fileno(), log, calls)
+        except get_reraise_exceptions(config):
             raise
         except BaseException as exc:
             # Ours (a crash, a limit, a bad marker), or one raised here while the child ran:
@@ -144,36 +196,58 @@ def run_call_phase(item: pytest.Item) -> pytest.TestReport:
             failure = exc
         if failure is not None:  # out of the except block: the report's error stands alone
             fault_file.seek(0)
-            dump = fault_file.read().decode(errors="replace")
-            report = _report_failure(item, failure, dump)
-            if isinstance(failure, IsolationError) and failure.report is not None:
-                report.isolated = Figures.of(failure.report).as_dict()  # type: ignore[attr-defined]
+            report = _report_failure(item, failure, fault_file.read().decode(errors="replace"))
+            # The test's time, not that of making this report.
+            report.start, report.stop = started, time.time()
+            report.duration = time.perf_counter() - clock
+        elif outcome.interrupted:
+            raise KeyboardInterrupt  # the test raised it: the run stops, as without isolation
         else:
-            report = item.config.hook.pytest_report_from_serializable(
-                config=item.config, data=outcome.report
-            )
-            report.isolated = figures.as_dict()
-            for when, key, content in outcome.sections:
-                item.add_report_section(when, key, content)
-            if log is not None:
-                log.extend(outcome.warnings)
+            report = _take_outcome(item, outcome, log)
+    if calls:
+        report.isolated = Figures.of(calls[-1]).as_dict()  # type: ignore[attr-defined]
     item.ihook.pytest_runtest_logreport(report=report)
     return report
 
 
+def _take_outcome(item: pytest.Item, outcome: _Outcome, log: list[Any] | None) -> Any:
+    """Apply here what the child's call phase did to the item and to pytest, and return its
+    report: the reports it logged, its output sections, warnings and properties, and the
+    attributes it set on the item (which teardown, junitxml or Hypothesis read)."""
+    config = item.config
+    for data in outcome.logged:
+        item.ihook.pytest_runtest_logreport(report=_restored_report(config, data))
+    key = _failed_subtests_key()
+    if outcome.failed_subtests and key is not None:
+        config.stash[key][_node_id(item)] += outcome.failed_subtests
+    for when, section, content in outcome.sections:
+        item.add_report_section(when, section, content)
+    if log is not None:
+        log.extend(outcome.warnings)
+    item.user_properties.extend(outcome.properties)
+    for name, value in outcome.attributes.items():
+        setattr(item, name, value)
+    records = _caplog_records(item)
+    if records is not None and outcome.log_records is not None:
+        records["call"] = outcome.log_records
+    return _restored_report(config, outcome.report)
+
+
 def _run_child(
-    item: pytest.Item, options: CallOptions, fault_fd: int, log: list[Any] | None
-) -> tuple[_Outcome, Figures]:
-    # The parent's threads here are the test runner's (pytest-xdist's channel, pytest-timeout's
-    # timer): the warning's advice (zygote mode) cannot apply to a test, so it is not given for
-    # these forks; the child restores the flag for forks the test itself makes.
-    warned = _call._warned_threads
-    _call._warned_threads = True
+    item: pytest.Item,
+    options: CallOptions,
+    fault_fd: int,
+    log: list[Any] | None,
+    calls: list[CallReport],
+) -> _Outcome:
+    checked = DEFAULTS.merge(options)
+    args = (item, fault_fd, log, options.get("memory_limit"))
 
-    async def wait() -> tuple[_Outcome, CallReport]:
-        return await isolated_with_report(_child_side, item, fault_fd, log, warned, **options)
+    async def wait() -> _Outcome:
+        outcome, _ = await _api._run(_child_side, args, checked, reports=calls)
+        return cast(_Outcome, outcome)
 
-    def run() -> tuple[_Outcome, CallReport]:
+    def run() -> _Outcome:
         # anyio's pytest plugin names its backend as the running one while its test runner is
         # open (async fixtures), though no loop runs now: unnamed here, in this copy of the
         # context only.
@@ -186,46 +260,164 @@ def _run_child(
             wait, backend="asyncio", backend_options={"loop_factory": asyncio.new_event_loop}
         )
 
-    try:
-        outcome, report = contextvars.copy_context().run(run)
-    finally:
-        _call._warned_threads = warned
-    return outcome, Figures.of(report)
+    with _call.quiet_forks():
+        return contextvars.copy_context().run(run)
 
 
-def _child_side(item: pytest.Item, fault_fd: int, log: list[Any] | None, warned: bool) -> _Outcome:
-    """In the child: the call phase as pytest runs it, and its report in portable form."""
-    _call._warned_threads = warned
+def _child_side(
+    item: pytest.Item, fault_fd: int, log: list[Any] | None, memory_limit: int | str | None
+) -> _Outcome:
+    """In the child: the call phase as pytest runs it, and what came of it in portable form."""
+    _call.end_quiet_forks()  # the test's own forks warn as usual
     # A crash writes the Python stack here, where the parent reads it (pytest's own
-    # faulthandler writes to the terminal); a timeout's SIGTERM does too, then ends the child.
+    # faulthandler writes to the terminal); so do a timeout's SIGTERM and the cpu_limit's
+    # SIGXCPU, which then end the child as they would have.
     faulthandler.enable(file=fault_fd, all_threads=True)
-    faulthandler.register(signal.SIGTERM, file=fault_fd, all_threads=True, chain=True)
+    for sig in (signal.SIGTERM, signal.SIGXCPU):
+        faulthandler.register(sig, file=fault_fd, all_threads=True, chain=True)
+    _platform.unshare_epolls()
     _fresh_trio_runner()
     config = item.config
-    reraise = _reraised(config)
+    relay = _Relay(config)
     warned_before = len(log) if log is not None else 0
     sections_before = len(item._report_sections)
-    call = pytest.CallInfo.from_call(
-        lambda: item.ihook.pytest_runtest_call(item=item), when="call", reraise=reraise
-    )
+    properties_before = len(item.user_properties)
+    attributes_before = dict(vars(item))
+    failed_subtests_before = _failed_subtests(item)
+    try:
+        call = pytest.CallInfo.from_call(
+            lambda: item.ihook.pytest_runtest_call(item=item),
+            when="call",
+            reraise=get_reraise_exceptions(config),
+        )
+    except KeyboardInterrupt:
+        return _Outcome(report={}, interrupted=True)
     if call.excinfo is not None and isinstance(call.excinfo.value, MemoryError):
-        limit = _memory_limit(item)
-        if limit is not None:
+        if memory_limit is not None:
             call.excinfo.value.add_note(
-                f"(the isolated test's memory_limit is {limit}: it may grow by that much beyond "
-                "what it inherited from the parent)"
+                f"(the isolated test's memory_limit is {memory_limit}: it may grow by that much "
+                "beyond what it inherited from the parent)"
             )
     report = item.ihook.pytest_runtest_makereport(item=item, call=call)
-    data = config.hook.pytest_report_to_serializable(config=config, report=report)
-    recorded = [_portable(w) for w in log[warned_before:]] if log is not None else []
-    return _Outcome(data, list(item._report_sections[sections_before:]), recorded)
+    records = _caplog_records(item)
+    return _Outcome(
+        report=_portable_report(config, report),
+        sections=list(item._report_sections[sections_before:]),
+        warnings=[w for w in map(_portable, log[warned_before:])] if log is not None else [],
+        logged=[_portable_report(config, r) for r in relay.reports],
+        failed_subtests=_failed_subtests(item) - failed_subtests_before,
+        properties=[(k, _picklable(v)) for k, v in item.user_properties[properties_before:]],
+        attributes={
+            name: value
+            for name, value in vars(item).items()
+            if not name.startswith("_")
+            and attributes_before.get(name, _MISSING) is not value
+            and _round_trips(value)
+        },
+        log_records=None if records is None else _portable_records(records.get("call", [])),
+    )
 
 
-def _reraised(config: pytest.Config) -> tuple[type[BaseException], ...]:
-    """What ends the run instead of failing the test, as pytest has it."""
-    if config.getoption("usepdb", False):
-        return (pytest.exit.Exception,)
-    return (pytest.exit.Exception, KeyboardInterrupt)
+_MISSING: Final = object()
+
+
+def _caplog_records(item: pytest.Item) -> dict[str, list[logging.LogRecord]] | None:
+    """The records pytest's logging keeps for each phase (``caplog.get_records(when)``)."""
+    try:
+        from _pytest.logging import caplog_records_key
+    except ImportError:
+        return None
+    return item.stash.get(caplog_records_key, None)
+
+
+def _portable_records(records: list[logging.LogRecord]) -> list[logging.LogRecord]:
+    """Log records with their message formatted, without arguments or an exception (which
+    may not pickle)."""
+    portable = []
+    for record in records:
+        copy = logging.makeLogRecord(vars(record))
+        copy.msg, copy.args = record.getMessage(), None
+        if record.exc_info and not record.exc_text:
+            copy.exc_text = logging.Formatter().formatException(record.exc_info)
+        copy.exc_info = None
+        portable.append(copy)
+    return portable
+
+
+def _round_trips(value: Any) -> bool:
+    try:
+        pickle.loads(cloudpickle.dumps(value))
+    except Exception:
+        return False
+    return True
+
+
+class _Relay:
+    """In the child, the only listener to ``pytest_runtest_logreport``: reports logged during
+    the call (pytest's subtests log one per subtest) go to the parent, which logs them. The
+    listeners they would reach here (the terminal, the counts, pytest-xdist's channel to its
+    controller) are the parent's."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.reports: list[pytest.TestReport] = []
+        config.pluginmanager.register(self, "aioisolate-relay")
+        caller = config.hook.pytest_runtest_logreport
+        # pluggy has no public way to silence a hook's implementations; this child ends soon.
+        caller._hookimpls[:] = [impl for impl in caller.get_hookimpls() if impl.plugin is self]
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.reports.append(report)
+
+
+def _failed_subtests(item: pytest.Item) -> int:
+    """pytest's count of the test's failed subtests, which fails a test that passed."""
+    key = _failed_subtests_key()
+    counts = None if key is None else item.config.stash.get(key, None)
+    return 0 if counts is None else int(counts.get(_node_id(item), 0))
+
+
+def _node_id(item: pytest.Item) -> Any:
+    return getattr(item, "id", item.nodeid)  # the key pytest 9 counts under
+
+
+def _failed_subtests_key() -> Any:
+    try:
+        from _pytest.subtests import failed_subtests_key  # pytest 9+
+    except ImportError:
+        return None
+    return failed_subtests_key
+
+
+def _portable_report(config: pytest.Config, report: pytest.TestReport) -> bytes | dict[str, Any]:
+    """The report, pickled as it is; or, if it does not pickle, as pytest serializes it for
+    pytest-xdist, with any value that would not pickle (a user property, a plugin's attribute)
+    replaced by its repr."""
+    try:
+        return cast(bytes, cloudpickle.dumps(report))
+    except Exception:
+        pass
+    data: dict[str, Any] = config.hook.pytest_report_to_serializable(config=config, report=report)
+    try:
+        cloudpickle.dumps(data)
+    except Exception:
+        properties = [(name, _picklable(value)) for name, value in data["user_properties"]]
+        data = {name: _picklable(value) for name, value in data.items()}
+        data["user_properties"] = properties
+    return data
+
+
+def _restored_report(config: pytest.Config, data: bytes | dict[str, Any]) -> Any:
+    if isinstance(data, bytes):
+        return pickle.loads(data)
+    return config.hook.pytest_report_from_serializable(config=config, data=data)
+
+
+def _picklable(value: Any) -> Any:
+    try:
+        cloudpickle.dumps(value)
+    except Exception:
+        return repr(value)
+    return value
 
 
 def _fresh_trio_runner() -> None:
@@ -244,20 +436,12 @@ def _fresh_trio_runner() -> None:
         plugin._runner_leases = 0
 
 
-def _memory_limit(item: pytest.Item) -> str | None:
-    marker = item.get_closest_marker(MARKER)
-    value = marker.kwargs.get("memory_limit") if marker is not None else None
-    return None if value is None else str(value)
-
-
 def _portable(message: warnings.WarningMessage) -> warnings.WarningMessage:
     """The warning, without what may not pickle (``source``, an object such as a socket for a
     ResourceWarning, and an exotic warning instance)."""
     warning: Any = message.message
     category = message.category
-    try:
-        cloudpickle.dumps((warning, category))
-    except Exception:
+    if not _round_trips((warning, category)):
         warning = UserWarning(f"{category.__name__}: {warning}")
         category = UserWarning
     return warnings.WarningMessage(
@@ -338,13 +522,12 @@ def _frames(dump: str) -> list[tuple[str, str, str]]:
     return [(m["file"], m["line"], m["func"]) for m in _FRAME.finditer(block)]
 
 
-_OWN_DIR: Final = os.path.dirname(__file__) + os.sep
 _PLUGGY: Final = f"{os.sep}pluggy{os.sep}"
 
 
 def _trim(dump: str) -> str:
-    """faulthandler's dump without the frames below the test: those of pluggy, and from this
-    module down (the parent's stack, which the child inherited)."""
+    """faulthandler's dump without the frames below the test: pluggy's, and from this module's
+    down (the child's entry, then the parent's stack, which the child inherited)."""
     kept: list[str] = []
     below_test = False
     for line in dump.splitlines():
@@ -352,7 +535,7 @@ def _trim(dump: str) -> str:
         if frame is None:
             below_test = False  # a new thread's block, or the end
             kept.append(line)
-        elif frame["file"].startswith(_OWN_DIR):
+        elif frame["file"] == __file__:
             below_test = True
         elif not below_test and _PLUGGY not in frame["file"]:
             kept.append(line)

@@ -8,6 +8,7 @@ adds a table of the isolated tests that used the most memory and CPU. See docs/p
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import pytest
@@ -26,6 +27,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="run every test's call phase in a forked child process, as if each were marked "
         "@pytest.mark.isolated",
     )
+    for name, meaning in _testcall.LIMITS.items():
+        flag = f"--isolated-{name.replace('_', '-')}"
+        group.addoption(
+            flag,
+            dest=f"isolated_{name}",
+            default=None,
+            help=f"{meaning}, for every isolated test (a marker's {name}= overrides it)",
+        )
+        parser.addini(f"isolated_{name}", f"{meaning}; as {flag}", default=None)
     group.addoption(
         "--isolated-report",
         action="store_true",
@@ -41,6 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "the test in a forked child process; a crash, leak or change to global state stays "
         "there. Options are aioisolate's call options (docs/pytest.md).",
     )
+    config.stash[_testcall.SUITE_OPTIONS] = _testcall.suite_options(config)
     if config.getoption("isolated_report"):
         config.pluginmanager.register(_Summary(), "aioisolate-summary")
 
@@ -62,7 +73,10 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         if report.passed:
             setup_only = item.config.getoption("setuponly", False)
             if item.config.getoption("setupshow", False):
-                show_test_item(item, add_space=not setup_only)
+                if "add_space" in inspect.signature(show_test_item).parameters:  # pytest 8.4+
+                    show_test_item(item, add_space=not setup_only)
+                else:
+                    show_test_item(item)  # type: ignore[call-arg]
             if not setup_only:
                 _testcall.run_call_phase(item)
         if item.session.shouldfail or item.session.shouldstop:
@@ -93,7 +107,7 @@ class _Summary:
                 outcome = "xfailed" if report.skipped else "xpassed"
             self.rows.append((report.nodeid, outcome, dict(figures)))
 
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         write = terminalreporter.write_line
         terminalreporter.write_sep("=", "isolated tests: the heaviest")
         if not self.rows:

@@ -305,7 +305,10 @@ def test_over_the_cpu_limit(pytester: pytest.Pytester) -> None:
     """
     result = run(pytester, test_cpu=suite)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*isolated test used up its cpu_limit of 1 CPU seconds*"])
+    # SIGXCPU makes the child say where it was, as a timeout's SIGTERM does.
+    result.stdout.fnmatch_lines(
+        ["*isolated test used up its cpu_limit of 1 CPU seconds at test_cpu.py:* in test_spins"]
+    )
 
 
 def test_skip_and_xfail_inside_isolated_tests(pytester: pytest.Pytester) -> None:
@@ -567,17 +570,22 @@ def test_bad_marker_options_fail_the_test_with_a_clear_message(
         def test_bad_value():
             pass
 
+        @pytest.mark.isolated(close_fds=True)
+        def test_closing_pytests_files():
+            pass
+
         @pytest.mark.isolated(timeout=30)
         def test_fine():
             pass
     """
     result = run(pytester, "-rf", test_marker=suite)
-    result.assert_outcomes(failed=3, passed=1)
+    result.assert_outcomes(failed=4, passed=1)
     result.stdout.fnmatch_lines_random(
         [
             "@pytest.mark.isolated takes keyword options only (timeout=, memory_limit=, *(5,)",
             "@pytest.mark.isolated cannot set stdout: the plugin decides where a test's output*",
             "@pytest.mark.isolated: timeout must be*",
+            "@pytest.mark.isolated cannot set close_fds: *keeps pytest's files open in the child",
         ]
     )
 
@@ -595,8 +603,9 @@ def test_pytest_timeout_in_the_parent_kills_the_child(pytester: pytest.Pytester)
                 f.write(str(os.getpid()))
             time.sleep(60)
     """
-    result = run(pytester, "--timeout=2", test_hang=suite)
+    result = run(pytester, "--timeout=2", "--isolated-report", test_hang=suite)
     result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*failed   test_hang.py::test_hangs (SIGTERM)"])
     result.stdout.fnmatch_lines(
         [
             "Timeout (>2.0s) from pytest-timeout.",
@@ -710,3 +719,252 @@ def test_ctrl_c_stops_the_run_and_kills_the_child(pytester: pytest.Pytester) -> 
     assert b"KeyboardInterrupt" in out
     gone, alive = psutil.wait_procs([child], timeout=10)
     assert alive == []
+
+
+def test_subtests_as_without_isolation(pytester: pytest.Pytester) -> None:
+    suite = """
+        import unittest
+
+        def test_with_subtests(subtests):
+            for i in range(3):
+                with subtests.test(msg="check", i=i):
+                    assert i < 2
+
+        class TestCase(unittest.TestCase):
+            def test_sub(self):
+                for i in range(3):
+                    with self.subTest(i=i):
+                        self.assertLess(i, 2)
+    """
+    plain = run(pytester, "-rf", test_subtests=suite)
+    isolated = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rf", "--isolated")
+    assert isolated.parseoutcomes() == plain.parseoutcomes()
+    assert isolated.ret == plain.ret == pytest.ExitCode.TESTS_FAILED
+    isolated.stdout.fnmatch_lines_random(
+        [
+            "SUBFAILED[[]check[]] (i=2) test_subtests.py::test_with_subtests - assert 2 < 2",
+            "FAILED test_subtests.py::test_with_subtests - contains 1 failed subtest",
+            "SUBFAILED(i=2) test_subtests.py::TestCase::test_sub - AssertionError: 2 not l*",
+        ]
+    )
+    # The subtests' progress letters come from the runner, not from the child's output.
+    assert "Captured stdout" not in isolated.stdout.str()
+
+
+def test_an_async_fixture_serving_from_a_task_group(pytester: pytest.Pytester) -> None:
+    # The usual anyio idiom: on asyncio the test runs on the child's copy of the fixture's loop,
+    # whose epoll instance must be the child's own, or the runner's loop breaks at teardown.
+    suite = """
+        import anyio
+        import pytest
+
+        @pytest.fixture
+        def anyio_backend():
+            return "asyncio"
+
+        @pytest.fixture
+        async def server(anyio_backend):
+            async def answer(stream):
+                async with stream:
+                    await stream.send(b"pong")
+
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, answer)
+                yield listener.extra(anyio.abc.SocketAttribute.local_port)
+                tg.cancel_scope.cancel()
+
+        @pytest.mark.anyio
+        @pytest.mark.isolated(timeout=30)
+        @pytest.mark.parametrize("n", range(3))
+        async def test_talks_to_the_fixture(server, n):
+            async with await anyio.connect_tcp("127.0.0.1", server) as stream:
+                assert await stream.receive() == b"pong"
+
+        @pytest.mark.anyio
+        async def test_not_isolated(server):
+            async with await anyio.connect_tcp("127.0.0.1", server) as stream:
+                assert await stream.receive() == b"pong"
+    """
+    run(pytester, test_serving=suite).assert_outcomes(passed=4)
+
+
+def test_a_report_value_that_does_not_pickle(pytester: pytest.Pytester) -> None:
+    suite = """
+        import threading
+        import pytest
+
+        @pytest.mark.isolated
+        def test_records_a_lock(record_property):
+            record_property("answer", 42)
+            record_property("lock", threading.Lock())
+    """
+    result = run(
+        pytester, "--junitxml=report.xml", "-o", "junit_family=xunit1", test_property=suite
+    )
+    result.assert_outcomes(passed=1)
+    xml = (pytester.path / "report.xml").read_text()
+    assert '<property name="answer" value="42"' in xml
+    assert re.search(r'<property name="lock" value="&lt;unlocked _thread.lock object', xml)
+
+
+def test_limits_for_the_whole_run(pytester: pytest.Pytester) -> None:
+    suite = """
+        import time
+        import pytest
+
+        pytestmark = pytest.mark.isolated
+
+        def test_too_slow():
+            time.sleep(30)
+
+        def test_too_big():
+            data = bytearray(200 << 20)
+
+        @pytest.mark.isolated(timeout=60, memory_limit="1GiB")
+        def test_allowed_more():
+            data = bytearray(200 << 20)
+            time.sleep(1.5)
+    """
+    pytester.makefile(".ini", pytest="[pytest]\nisolated_memory_limit = 50MiB\n")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_limits=textwrap.dedent(suite))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--isolated-timeout=1")
+    result.assert_outcomes(failed=2, passed=1)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*isolated test timed out after timeout=1 s*in test_too_slow",
+            "E       (the isolated test's memory_limit is 50MiB*",
+        ]
+    )
+    bad = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--isolated-timeout=soon")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["ERROR: --isolated-timeout (or isolated_timeout in the ini file)*"])
+
+
+def test_a_module_scoped_loop_stays_whole_for_the_next_tests(pytester: pytest.Pytester) -> None:
+    # The isolated test registers a socket on its copy of the loop and is killed while waiting:
+    # the runner's loop, the same for the next test, must not have seen that registration.
+    suite = """
+        import asyncio
+        import socket
+        import pytest
+        import pytest_asyncio
+
+        pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+        @pytest_asyncio.fixture(loop_scope="module", scope="module")
+        async def pair():
+            a, b = socket.socketpair()
+            a.setblocking(False)
+            yield a, b
+            a.close()
+            b.close()
+
+        @pytest.mark.isolated(timeout=1)
+        async def test_waits_and_is_killed(pair):
+            await asyncio.get_running_loop().sock_recv(pair[0], 1)
+
+        async def test_the_runner_reads(pair):
+            a, b = pair
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.1, b.send, b"x")
+            assert await asyncio.wait_for(loop.sock_recv(a, 1), 5) == b"x"
+    """
+    result = run(pytester, test_loop=suite)
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["FAILED test_loop.py::test_waits_and_is_killed - Failed: *"])
+
+
+def test_keyboard_interrupt_raised_by_a_test_stops_the_run(pytester: pytest.Pytester) -> None:
+    suite = """
+        import pytest
+
+        @pytest.mark.isolated
+        def test_interrupts():
+            raise KeyboardInterrupt
+
+        def test_never_runs():
+            raise AssertionError
+    """
+    result = run(pytester, test_interrupt=suite)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*KeyboardInterrupt*"])
+    assert "test_never_runs" not in result.stdout.str()
+
+
+def test_a_killed_test_reports_how_long_it_ran(pytester: pytest.Pytester) -> None:
+    suite = """
+        import time
+        import pytest
+
+        @pytest.mark.isolated(timeout=0.5, kill_grace=0)
+        def test_killed():
+            time.sleep(30)
+    """
+    run(pytester, "--junitxml=report.xml", test_duration=suite).assert_outcomes(failed=1)
+    xml = (pytester.path / "report.xml").read_text()
+    match = re.search(r'name="test_killed"[^>]* time="([\d.]+)"', xml)
+    assert match is not None
+    assert 0.5 <= float(match[1]) < 10
+
+
+def test_warnings_whose_class_does_not_round_trip(pytester: pytest.Pytester) -> None:
+    suite = """
+        import warnings
+        import pytest
+
+        class TwoPartWarning(UserWarning):
+            def __init__(self, a, b):
+                super().__init__(f"{a}-{b}")
+
+        @pytest.mark.isolated
+        def test_warns():
+            warnings.warn(TwoPartWarning(1, 2))
+    """
+    result = run(pytester, test_warning_class=suite)
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*UserWarning: TwoPartWarning: 1-2"])
+
+
+def test_what_the_call_records_reaches_teardown_and_reports(pytester: pytest.Pytester) -> None:
+    suite = """
+        import logging
+        import pytest
+
+        @pytest.fixture
+        def no_warnings_logged(caplog):
+            yield
+            # A check from pytest's documentation: on the records of the call phase.
+            assert [r.getMessage() for r in caplog.get_records("call")] == ["careful: 3"]
+
+        @pytest.mark.isolated
+        def test_logs(no_warnings_logged, record_property):
+            logging.getLogger("suite").warning("careful: %d", 3)
+            record_property("rows", 12)
+    """
+    result = run(pytester, "--junitxml=report.xml", "-o", "junit_family=xunit1", test_records=suite)
+    result.assert_outcomes(passed=1)
+    assert '<property name="rows" value="12"' in (pytester.path / "report.xml").read_text()
+
+
+def test_the_dump_keeps_the_frames_of_a_test_that_uses_the_library(
+    pytester: pytest.Pytester,
+) -> None:
+    suite = """
+        import time
+        import aioisolate
+        import pytest
+
+        def slow():
+            time.sleep(30)
+
+        @pytest.mark.isolated(timeout=2)
+        def test_waits_for_its_own_child():
+            aioisolate.run_isolated(slow)
+    """
+    result = run(pytester, test_nested=suite)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ['  File "*test_nested.py", line 10 in test_waits_for_its_own_child']
+    )

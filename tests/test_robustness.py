@@ -11,6 +11,7 @@ import faulthandler
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,16 @@ import anyio
 import pytest
 from helpers import Channel, isolated_children
 
-from aioisolate import ChildCrashed, IsolationError, Isolator, _call, _child, _platform, isolated
+from aioisolate import (
+    ChildCrashed,
+    IsolationError,
+    Isolator,
+    _call,
+    _child,
+    _platform,
+    isolated,
+    run_isolated,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -321,3 +331,45 @@ async def test_an_error_from_a_nested_call_keeps_its_own_report() -> None:
     assert info.value.report is not None
     assert info.value.report.pid == info.value.pid  # the inner child's, not the outer's
     assert info.value.report.exitcode == 3
+
+
+def test_a_child_running_a_copy_of_the_parents_loop_leaves_the_parents_epoll_alone() -> None:
+    # The pytest plugin's child runs async tests on its copy of the loop their fixtures made;
+    # fork shares the loop's epoll instance, registrations included, unless the child makes
+    # its own copy.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    try:
+
+        async def serve() -> None:
+            while True:
+                conn, _ = await loop.sock_accept(listener)
+                await loop.sock_sendall(conn, b"pong")
+                conn.close()
+
+        server = loop.create_task(serve())  # its first step (registering the listener) is to come
+
+        def ask_in_the_child() -> bytes:
+            _platform.unshare_epolls()
+
+            async def ask() -> bytes:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                answer = await reader.read()
+                writer.close()
+                return answer
+
+            return loop.run_until_complete(ask())  # the server task runs here too, in the copy
+
+        assert run_isolated(ask_in_the_child) == b"pong"
+        # The parent's loop goes on: its server registers the listener, as yet unregistered in
+        # the parent's epoll instance (with a shared one: FileExistsError).
+        loop.run_until_complete(asyncio.sleep(0))
+        assert not server.done()
+        server.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            loop.run_until_complete(server)
+    finally:
+        loop.close()
+        listener.close()
