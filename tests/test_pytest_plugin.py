@@ -670,11 +670,34 @@ def test_the_summary_says_when_no_test_ran_isolated(pytester: pytest.Pytester) -
     result.stdout.fnmatch_lines(["*isolated tests: the heaviest*", "no test ran isolated"])
 
 
+DOCS_BLOCKS = re.findall(
+    r"```python\n(.*?)```", (Path(__file__).parents[1] / "docs" / "pytest.md").read_text(), re.S
+)
+
+
 def test_the_docs_example_runs_as_documented(pytester: pytest.Pytester) -> None:
-    page = Path(__file__).parents[1] / "docs" / "pytest.md"
-    match = re.search(r"```python\n(.*?)```", page.read_text(), re.S)
-    assert match is not None
-    run(pytester, test_example=match[1]).assert_outcomes(passed=2, xfailed=1)
+    run(pytester, test_example=DOCS_BLOCKS[0]).assert_outcomes(passed=2, xfailed=1)
+
+
+def test_the_docs_conftest_reads_the_figures(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(DOCS_BLOCKS[1])
+    pytester.makepyfile(
+        test_sizes="""
+import pytest
+
+@pytest.mark.isolated
+def test_big():
+    data = bytearray(600 << 20)
+
+@pytest.mark.isolated
+def test_small():
+    pass
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*test_sizes.py::test_big used 60? MiB"])
+    assert "test_small used" not in result.stdout.str()
 
 
 def test_ctrl_c_stops_the_run_and_kills_the_child(pytester: pytest.Pytester) -> None:
