@@ -5,6 +5,7 @@ from ._api import default_limiter as default_limiter
 from ._api import isolated as isolated
 from ._api import isolated_map as isolated_map
 from ._api import isolated_with_report as isolated_with_report
+from ._dask import DaskEngine as DaskEngine
 from ._errors import ChildCrashed as ChildCrashed
 from ._errors import CPULimitExceeded as CPULimitExceeded
 from ._errors import IsolationError as IsolationError
@@ -13,6 +14,7 @@ from ._errors import MemoryLimitExceeded as MemoryLimitExceeded
 from ._errors import RemoteError as RemoteError
 from ._errors import RemoteTraceback as RemoteTraceback
 from ._errors import ThreadedForkWarning as ThreadedForkWarning
+from ._errors import WorkerLost as WorkerLost
 from ._errors import ZygoteDied as ZygoteDied
 from ._map import MapProgress as MapProgress
 from ._map import MapResults as MapResults
@@ -32,6 +34,7 @@ __all__ = [
     "CallOptions",
     "CallReport",
     "ChildCrashed",
+    "DaskEngine",
     "IsolationError",
     "ItemStream",
     "MapProgress",
@@ -42,6 +45,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "ThreadedForkWarning",
+    "WorkerLost",
     "Zygote",
     "ZygoteDied",
     "default_limiter",

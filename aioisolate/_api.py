@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from types import TracebackType
@@ -148,10 +149,26 @@ async def _run(
 ) -> tuple[Any, CallReport]:
     if not callable(func):
         raise TypeError(f"func must be callable, not {type(func).__name__}")
+    if options.engine is not None:
+        # The cluster bounds how many calls run at once; a limiter given bounds them too.
+        if options.limiter is None or not limit:
+            return await options.engine.run_call(func, args, options, reports)
+        async with options.limiter:
+            return await options.engine.run_call(func, args, options, reports)
     if not limit:  # the caller holds a token already (a fan-out)
         return await run_in_child(func, args, options, reports)
     async with default_limiter() if options.limiter is None else options.limiter:
         return await run_in_child(func, args, options, reports)
+
+
+def _map_limiter(options: Options) -> anyio.CapacityLimiter:
+    """What bounds a fan-out's running calls: the limiter given; else, for an engine, nothing
+    but the fan-out's window (the cluster queues what it cannot run yet); else one per CPU."""
+    if options.limiter is not None:
+        return options.limiter
+    if options.engine is not None:
+        return anyio.CapacityLimiter(math.inf)
+    return default_limiter()
 
 
 @overload
@@ -237,7 +254,7 @@ def isolated_map(
     return MapResults(
         call,
         inputs,
-        default_limiter() if checked.limiter is None else checked.limiter,
+        _map_limiter(checked),
         ordered=ordered,
         return_exceptions=return_exceptions,
         on_progress=on_progress,
@@ -456,7 +473,7 @@ class Isolator:
         return MapResults(
             call,
             inputs,
-            default_limiter() if checked.limiter is None else checked.limiter,
+            _map_limiter(checked),
             ordered=ordered,
             return_exceptions=return_exceptions,
             on_progress=on_progress,

@@ -23,6 +23,7 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "ThreadedForkWarning",
+    "WorkerLost",
     "ZygoteDied",
 ]
 
@@ -121,6 +122,27 @@ class ZygoteDied(ChildCrashed):
     def __init__(self, message: str, *, pid: int, helper_pid: int) -> None:
         super().__init__(message, pid=pid, exitcode=None, signal=None)
         self.helper_pid = helper_pid
+
+
+class WorkerLost(IsolationError):
+    """The remote worker that ran the call (on an engine such as `DaskEngine`) died or left
+    the cluster while the call ran.
+
+    The child died with its worker, so the call has no result. It is not run again elsewhere:
+    retry it if that is safe for your function.
+
+    Attributes:
+        worker: the worker's address.
+        key: the call's task key on the cluster.
+    """
+
+    def __init__(self, message: str, *, worker: str, key: str) -> None:
+        super().__init__(message)
+        self.worker = worker
+        self.key = key
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class IsolationTimeout(IsolationError, TimeoutError):

@@ -7,8 +7,8 @@ import math
 import os
 import re
 import resource
-from collections.abc import Iterable, Mapping
-from typing import Any, Final, Literal, TypedDict
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypedDict, runtime_checkable
 
 import anyio
 
@@ -16,6 +16,9 @@ from ._codec import PICKLE, Codec, CodecName
 from ._codec import resolve as resolve_codec
 from ._sandbox import Sandbox, primary_group, resolve_group, resolve_user
 from ._zygote import Zygote
+
+if TYPE_CHECKING:
+    from ._report import CallReport
 
 Output = Literal["inherit", "discard", "capture"]
 _OUTPUTS: Final = ("inherit", "discard", "capture")
@@ -59,6 +62,9 @@ class CallOptions(TypedDict, total=False):
 
         zygote: a running `Zygote`: the child is forked by that helper process instead of by
             this one (zygote mode; see `Zygote` for what changes). Default None: fork mode.
+        engine: an open engine, such as `DaskEngine`, that runs the call on another machine:
+            the child is forked there, and the value, error and report come back here. No
+            limiter applies unless one is given: the cluster bounds how many calls run.
 
     Sandbox options, all off by default (see docs/security.md for what each protects):
 
@@ -93,6 +99,7 @@ class CallOptions(TypedDict, total=False):
     max_result_size: int | str | None
     nice: int
     zygote: Zygote | None
+    engine: Engine | None
     close_fds: bool
     pass_fds: Iterable[int]
     no_new_privs: bool
@@ -104,6 +111,22 @@ class CallOptions(TypedDict, total=False):
     user: int | str | None
     group: int | str | None
     network: bool
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Something that runs isolated calls elsewhere (`DaskEngine`): given with ``engine=``."""
+
+    async def run_call(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        options: Options,
+        reports: list[CallReport] | None,
+    ) -> tuple[Any, CallReport]:
+        """Run ``func(*args)`` in a child with ``options``; return its value and report, or
+        raise what it raised, as a local call would. Append the report to ``reports``."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -123,6 +146,7 @@ class Options:
     max_result_size: int | None = None
     nice: int = 10
     zygote: Zygote | None = None
+    engine: Engine | None = None
     sandbox: Sandbox = Sandbox()
 
     @property
@@ -177,7 +201,17 @@ class Options:
                 raise ValueError(f"{name} must be one of {_OUTPUTS}, not {o[name]!r}")
         if o.get("zygote") is not None and not isinstance(o["zygote"], Zygote):
             raise TypeError(f"zygote must be a Zygote, not {type(o['zygote']).__name__}")
+        if o.get("engine") is not None and not isinstance(o["engine"], Engine):
+            raise TypeError(
+                f"engine must be an engine such as DaskEngine, not {type(o['engine']).__name__}"
+            )
         merged = dataclasses.replace(self, **o)  # type: ignore[arg-type]
+        if merged.engine is not None and merged.zygote is not None:
+            raise ValueError(
+                "zygote= forks children on this machine and engine= on another: choose one"
+            )
+        if merged.engine is not None and merged.sandbox.pass_fds:
+            raise ValueError("pass_fds names fds of this process, which a remote child lacks")
         if merged.zygote is not None and merged.sandbox.pass_fds:
             raise ValueError(
                 "pass_fds names fds of this process, and in zygote mode the child is forked by "

@@ -109,7 +109,10 @@ def isolated_iter(
     """
     if not callable(func):
         raise TypeError(f"func must be callable, not {type(func).__name__}")
-    return ItemStream(func, args, DEFAULTS.merge(options))
+    checked = DEFAULTS.merge(options)
+    if checked.engine is not None:
+        raise TypeError("isolated_iter runs its generator here: an engine= takes whole calls only")
+    return ItemStream(func, args, checked)
 
 
 async def _items(

@@ -1,0 +1,241 @@
+"""DaskEngine on an in-process LocalCluster (loopback, no dashboard), from asyncio, uvloop and
+trio callers."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+import remote
+
+from aioisolate import (
+    ChildCrashed,
+    DaskEngine,
+    IsolationTimeout,
+    Isolator,
+    RemoteTraceback,
+    WorkerLost,
+    Zygote,
+    isolated,
+    isolated_iter,
+    isolated_map,
+    isolated_with_report,
+)
+
+distributed = pytest.importorskip("distributed")
+
+# The calls run on the workers; the local watcher variants are tested elsewhere.
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.parametrize("child_watcher", ["pidfd"], indirect=True),
+    # LocalCluster's scheduler runs in this process and opens and pools connections to the
+    # workers on its own schedule; test_engines_leave_no_fds_behind checks the engine's.
+    pytest.mark.shared_fds(reason="the in-process scheduler's connections"),
+]
+
+
+def start_cluster(n_workers: int = 2) -> Any:
+    return distributed.LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=2,
+        host="127.0.0.1",
+        dashboard_address=":0",  # a free port: two clusters may run at once
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    with start_cluster() as cluster:
+        yield cluster
+
+
+def workers() -> set[int]:
+    """The worker processes: this test process's children (LocalCluster's nannies start them)."""
+    return {p.pid for p in psutil.Process().children()}
+
+
+async def wait_for_pid(path: Path) -> int:
+    """The pid a remote child wrote (atomically) once it runs."""
+    with anyio.fail_after(60):
+        while not await anyio.Path(path).exists():  # noqa: ASYNC110 (a remote child: no event)
+            await anyio.sleep(0.02)
+    return int(await anyio.Path(path).read_text())
+
+
+async def wait_gone(pid: int, within: float) -> float:
+    """Seconds until the process is gone (its helper reaped it), failing after ``within``."""
+    start = time.monotonic()
+    while psutil.pid_exists(pid):
+        assert time.monotonic() - start < within, f"process {pid} still there after {within} s"
+        await anyio.sleep(0.01)
+    return time.monotonic() - start
+
+
+async def test_results_come_back(cluster: Any) -> None:
+    async with DaskEngine(cluster) as engine:
+        assert await isolated(remote.square, 12, engine=engine) == 144
+        value, report = await isolated_with_report(remote.pids, engine=engine)
+    child, helper = value
+    assert report.pid == child
+    assert report.exitcode == 0
+    # Forked on a worker, from the worker's zygote helper.
+    assert psutil.Process(helper).ppid() in workers()
+
+
+async def test_the_functions_exception_as_itself(cluster: Any) -> None:
+    async with DaskEngine(cluster.scheduler_address) as engine:
+        with pytest.raises(remote.ParseError, match="cannot parse 'x'") as info:
+            await isolated(remote.fail_to_parse, "x", engine=engine)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "in fail_to_parse" in str(cause)  # the child's traceback, from the worker
+
+
+async def test_a_crash_kills_only_the_child(cluster: Any) -> None:
+    before = workers()
+    async with DaskEngine(cluster) as engine:
+        with pytest.raises(ChildCrashed) as info:
+            await isolated(remote.segfault, engine=engine)
+        assert info.value.signal == signal.SIGSEGV
+        assert info.value.report is not None
+        # The workers are the same processes, and go on serving.
+        assert await isolated(remote.square, 3, engine=engine) == 9
+    assert workers() == before
+
+
+async def test_cancelling_the_caller_kills_the_remote_child(cluster: Any, tmp_path: Path) -> None:
+    pid_file = tmp_path / "child.pid"
+    async with DaskEngine(cluster) as engine:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                functools.partial(
+                    isolated, remote.announce_then_sleep, str(pid_file), engine=engine
+                )
+            )
+            child = await wait_for_pid(pid_file)
+            tg.cancel_scope.cancel()
+        await wait_gone(child, within=1.0)
+        # The slot it held is free again.
+        assert await isolated(remote.square, 4, engine=engine) == 16
+
+
+async def test_a_timeout_on_the_worker(cluster: Any, tmp_path: Path) -> None:
+    async with DaskEngine(cluster) as engine:
+        with pytest.raises(IsolationTimeout):
+            await isolated(
+                remote.announce_then_sleep, str(tmp_path / "child.pid"), engine=engine, timeout=0.5
+            )
+
+
+async def test_memory_limit_on_the_worker(cluster: Any) -> None:
+    async with DaskEngine(cluster) as engine:
+        with pytest.raises(MemoryError):
+            await isolated(remote.allocate, 300, engine=engine, memory_limit="50MiB")
+        assert await isolated(remote.allocate, 10, engine=engine, memory_limit="50MiB") == 10 << 20
+
+
+async def test_multiprocessing_in_the_child_of_a_daemonic_worker(cluster: Any) -> None:
+    async with DaskEngine(cluster) as engine:
+        assert await isolated(remote.cube_in_a_pool, [1, 2, 3], engine=engine) == [1, 8, 27]
+
+
+async def test_200_concurrent_calls_are_never_merged(cluster: Any) -> None:
+    async with DaskEngine(cluster) as engine:
+        reports = []
+
+        async def call(n: int) -> None:
+            value, report = await isolated_with_report(remote.slow_square, n % 10, engine=engine)
+            assert value == (n % 10) ** 2
+            reports.append(report)
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for n in range(200):
+                    tg.start_soon(call, n)
+    # Equal arguments, distinct calls: 200 children.
+    assert len({r.pid for r in reports}) == 200
+
+
+async def test_a_fan_out_and_an_isolator_on_the_engine(cluster: Any) -> None:
+    async with DaskEngine(cluster) as engine:
+        async with isolated_map(remote.square, range(20), engine=engine) as results:
+            assert [r async for r in results] == [n * n for n in range(20)]
+        async with Isolator(engine=engine, timeout=60) as iso:
+            assert await iso.run(remote.square, 5) == 25
+
+
+async def test_a_worker_killed_mid_call_is_worker_lost(tmp_path: Path) -> None:
+    own = await anyio.to_thread.run_sync(start_cluster, 1)
+    try:
+        pid_file = tmp_path / "child.pid"
+        async with DaskEngine(own) as engine:
+            failure: list[BaseException] = []
+
+            async def call() -> None:
+                with pytest.raises(WorkerLost) as info:
+                    await isolated(remote.announce_then_sleep, str(pid_file), engine=engine)
+                failure.append(info.value)
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(call)
+                    child = await wait_for_pid(pid_file)
+                    worker = psutil.Process(psutil.Process(child).ppid()).ppid()
+                    os.kill(worker, signal.SIGKILL)
+            (error,) = failure
+            assert isinstance(error, WorkerLost)
+            assert error.worker in str(error)
+            assert error.worker.startswith("tcp://127.0.0.1:")
+            await wait_gone(child, within=5.0)  # its helper saw the worker go, and killed it
+    finally:
+        await anyio.to_thread.run_sync(own.close)
+
+
+async def test_bad_uses(cluster: Any) -> None:
+    engine = DaskEngine(cluster)
+    with pytest.raises(RuntimeError, match="inside 'async with DaskEngine"):
+        await isolated(remote.square, 2, engine=engine)
+    with pytest.raises(TypeError, match="scheduler address, a distributed.Client"):
+        DaskEngine(42)
+    with pytest.raises(TypeError, match="engine must be an engine"):
+        await isolated(remote.square, 2, engine="tcp://nowhere")  # type: ignore[arg-type]
+    async with engine, Zygote() as zygote:
+        with pytest.raises(ValueError, match="choose one"):
+            await isolated(remote.square, 2, engine=engine, zygote=zygote)
+        with pytest.raises(TypeError, match="an engine= takes whole calls only"):
+            isolated_iter(remote.square, 2, engine=engine)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_engines_leave_no_fds_behind(cluster: Any) -> None:
+    async def open_call_close() -> None:
+        async with DaskEngine(cluster) as engine:
+            assert await isolated(remote.square, 2, engine=engine) == 4
+
+    for _ in range(2):  # the scheduler's pools to the workers fill
+        await open_call_close()
+    settled = open_fds()
+    for _ in range(10):
+        await open_call_close()
+    # An fd kept by each engine would show ten times over.
+    assert open_fds() <= settled + 2
+
+
+def test_without_distributed_the_engine_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'aioisolate\[dask\]'"):
+        DaskEngine("tcp://127.0.0.1:8786")
