@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -239,3 +240,31 @@ def test_without_distributed_the_engine_says_what_to_install(
     monkeypatch.setitem(sys.modules, "distributed", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install 'aioisolate\[dask\]'"):
         DaskEngine("tcp://127.0.0.1:8786")
+
+
+async def test_the_example_finds_what_a_local_search_finds(cluster: Any) -> None:
+    import dask_tree_search as example
+    import parallel_tree_search as c4
+
+    boards = example.openings(2)
+    async with DaskEngine(cluster) as engine:
+        best = await example.search_all(engine, boards, 4, progress=False)
+    for board, (column, value) in zip(boards, best, strict=True):
+        scores = {c: c4.search_root_move((board, c, 4))[1] for c in c4.moves(board)}
+        assert value == max(scores.values())
+        assert scores[column] == value
+
+
+def test_the_example_runs_on_a_cluster_of_its_own() -> None:
+    example = Path(__file__).parents[1] / "examples" / "dask_tree_search.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "--depth", "4", "--positions", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("opening (3, 3): best move column ")
+    assert lines[1].startswith("opening (3, 2): best move column ")
+    assert lines[2].startswith("14 searches at depth 4: ")
