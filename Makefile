@@ -5,6 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
+DEMO_STAMP := $(VENV)/.installed-demo
 CC ?= cc
 
 .PHONY: demo test lint typecheck pytest coverage fuzz bench bench-quick clean
@@ -21,11 +22,16 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $@
 
-demo: $(STAMP)
-	$(BIN)/python examples/leaky_compute.py
-	$(BIN)/python examples/heavy_work.py
-	$(BIN)/python examples/tree_search.py
-	$(BIN)/python examples/parallel_tree_search.py
+# The demo needs only the package and rich (for its table on a terminal).
+$(DEMO_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[demo]'
+	touch $@
+
+# A leak, heavy work, a segfault and a fan-out, each in-process and isolated, in a table.
+demo: $(DEMO_STAMP)
+	$(BIN)/python -m aioisolate demo
 
 test: lint typecheck pytest
 
