@@ -6,9 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 DEMO_STAMP := $(VENV)/.installed-demo
+DOCS_STAMP := $(VENV)/.installed-docs
 CC ?= cc
 
-.PHONY: demo test lint typecheck pytest coverage fuzz bench bench-quick clean
+.PHONY: demo test lint typecheck pytest coverage fuzz bench bench-quick docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,15 @@ $(DEMO_STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[demo]'
 	touch $@
+
+# The documentation site's tools come with the test tools (tests/test_site.py builds it too).
+$(DOCS_STAMP): $(STAMP)
+	touch $@
+
+# The documentation site, into site/: any warning (a broken link or anchor, a page left out of
+# the nav, a docstring mkdocstrings cannot read) fails the build.
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # A leak, heavy work, a segfault and a fan-out, each in-process and isolated, in a table.
 demo: $(DEMO_STAMP)
@@ -70,4 +80,4 @@ bench-quick: $(BENCH_STAMP)
 		&& echo "bench-quick: report in $$out/performance.md"
 
 clean:
-	rm -rf $(VENV) .coverage .coverage.* .mypy_cache .ruff_cache .pytest_cache bench/build bench/results
+	rm -rf $(VENV) site .coverage .coverage.* .mypy_cache .ruff_cache .pytest_cache bench/build bench/results
