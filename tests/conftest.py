@@ -37,10 +37,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "fork_only(reason): a test of fork mode alone, in a module marked both_modes"
     )
-    config.addinivalue_line(
-        "markers",
-        "shared_fds(reason): this process's fds are not the test's alone (no_leaks skips them)",
-    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -145,9 +141,8 @@ def no_leaks(request: pytest.FixtureRequest, child_watcher: str) -> Iterator[Non
     yield
     new_children = [p for p in me.children() if p.pid not in children_before]
     assert not new_children, f"children left behind: {new_children}"
-    if request.node.get_closest_marker("shared_fds") is None:
-        fds_after = _open_fds()
-        assert fds_after == fds_before, "file descriptors leaked or closed by the test"
+    fds_after = _open_fds()
+    assert fds_after == fds_before, "file descriptors leaked or closed by the test"
     if helper is not None:
         assert helper.children() == [], "the zygote left children behind"
         assert helper.num_fds() == helper_fds, "the zygote leaked file descriptors"

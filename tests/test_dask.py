@@ -3,6 +3,7 @@ trio callers."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -11,7 +12,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import psutil
@@ -38,30 +38,52 @@ distributed = pytest.importorskip("distributed")
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.parametrize("child_watcher", ["pidfd"], indirect=True),
-    # LocalCluster's scheduler runs in this process and opens and pools connections to the
-    # workers on its own schedule; test_engines_leave_no_fds_behind checks the engine's.
-    pytest.mark.shared_fds(reason="the in-process scheduler's connections"),
 ]
 
 
-def start_cluster(n_workers: int = 2) -> Any:
-    return distributed.LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=2,
-        host="127.0.0.1",
-        dashboard_address=":0",  # a free port: two clusters may run at once
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """A LocalCluster run by tests/dask_cluster.py: what DaskEngine takes as a cluster object."""
+
+    scheduler_address: str
+    process: subprocess.Popen[str]
+
+    def workers(self) -> set[int]:
+        """The worker processes (multiprocessing starts them with spawn_main)."""
+        return {
+            p.pid
+            for p in psutil.Process(self.process.pid).children()
+            if "spawn_main" in " ".join(p.cmdline())
+        }
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+        self.process.stdout.close()
+
+
+def start_cluster(n_workers: int = 2) -> Cluster:
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("dask_cluster.py")), str(n_workers)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        # The workers import the tests' and the examples' modules, as this process does.
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
+    assert process.stdout is not None
+    address = process.stdout.readline().strip()  # once the cluster is up
+    assert address.startswith("tcp://127.0.0.1:"), f"the cluster did not start ({address!r})"
+    return Cluster(address, process)
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Any]:
-    with start_cluster() as cluster:
-        yield cluster
-
-
-def workers() -> set[int]:
-    """The worker processes: this test process's children (LocalCluster's nannies start them)."""
-    return {p.pid for p in psutil.Process().children()}
+def cluster() -> Iterator[Cluster]:
+    started = start_cluster()
+    yield started
+    started.close()
 
 
 async def wait_for_pid(path: Path) -> int:
@@ -81,7 +103,7 @@ async def wait_gone(pid: int, within: float) -> float:
     return time.monotonic() - start
 
 
-async def test_results_come_back(cluster: Any) -> None:
+async def test_results_come_back(cluster: Cluster) -> None:
     async with DaskEngine(cluster) as engine:
         assert await isolated(remote.square, 12, engine=engine) == 144
         value, report = await isolated_with_report(remote.pids, engine=engine)
@@ -89,10 +111,18 @@ async def test_results_come_back(cluster: Any) -> None:
     assert report.pid == child
     assert report.exitcode == 0
     # Forked on a worker, from the worker's zygote helper.
-    assert psutil.Process(helper).ppid() in workers()
+    assert psutil.Process(helper).ppid() in cluster.workers()
 
 
-async def test_the_functions_exception_as_itself(cluster: Any) -> None:
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
+async def test_an_asynchronous_client_of_the_callers(cluster: Cluster) -> None:
+    async with distributed.Client(cluster.scheduler_address, asynchronous=True) as client:
+        async with DaskEngine(client) as engine:
+            assert await isolated(remote.square, 6, engine=engine) == 36
+        assert client.status == "running"  # the engine leaves it open
+
+
+async def test_the_functions_exception_as_itself(cluster: Cluster) -> None:
     async with DaskEngine(cluster.scheduler_address) as engine:
         with pytest.raises(remote.ParseError, match="cannot parse 'x'") as info:
             await isolated(remote.fail_to_parse, "x", engine=engine)
@@ -101,8 +131,8 @@ async def test_the_functions_exception_as_itself(cluster: Any) -> None:
     assert "in fail_to_parse" in str(cause)  # the child's traceback, from the worker
 
 
-async def test_a_crash_kills_only_the_child(cluster: Any) -> None:
-    before = workers()
+async def test_a_crash_kills_only_the_child(cluster: Cluster) -> None:
+    before = cluster.workers()
     async with DaskEngine(cluster) as engine:
         with pytest.raises(ChildCrashed) as info:
             await isolated(remote.segfault, engine=engine)
@@ -110,10 +140,12 @@ async def test_a_crash_kills_only_the_child(cluster: Any) -> None:
         assert info.value.report is not None
         # The workers are the same processes, and go on serving.
         assert await isolated(remote.square, 3, engine=engine) == 9
-    assert workers() == before
+    assert cluster.workers() == before
 
 
-async def test_cancelling_the_caller_kills_the_remote_child(cluster: Any, tmp_path: Path) -> None:
+async def test_cancelling_the_caller_kills_the_remote_child(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     pid_file = tmp_path / "child.pid"
     async with DaskEngine(cluster) as engine:
         async with anyio.create_task_group() as tg:
@@ -129,7 +161,7 @@ async def test_cancelling_the_caller_kills_the_remote_child(cluster: Any, tmp_pa
         assert await isolated(remote.square, 4, engine=engine) == 16
 
 
-async def test_a_timeout_on_the_worker(cluster: Any, tmp_path: Path) -> None:
+async def test_a_timeout_on_the_worker(cluster: Cluster, tmp_path: Path) -> None:
     async with DaskEngine(cluster) as engine:
         with pytest.raises(IsolationTimeout):
             await isolated(
@@ -137,19 +169,19 @@ async def test_a_timeout_on_the_worker(cluster: Any, tmp_path: Path) -> None:
             )
 
 
-async def test_memory_limit_on_the_worker(cluster: Any) -> None:
+async def test_memory_limit_on_the_worker(cluster: Cluster) -> None:
     async with DaskEngine(cluster) as engine:
         with pytest.raises(MemoryError):
             await isolated(remote.allocate, 300, engine=engine, memory_limit="50MiB")
         assert await isolated(remote.allocate, 10, engine=engine, memory_limit="50MiB") == 10 << 20
 
 
-async def test_multiprocessing_in_the_child_of_a_daemonic_worker(cluster: Any) -> None:
+async def test_multiprocessing_in_the_child_of_a_daemonic_worker(cluster: Cluster) -> None:
     async with DaskEngine(cluster) as engine:
         assert await isolated(remote.cube_in_a_pool, [1, 2, 3], engine=engine) == [1, 8, 27]
 
 
-async def test_200_concurrent_calls_are_never_merged(cluster: Any) -> None:
+async def test_200_concurrent_calls_are_never_merged(cluster: Cluster) -> None:
     async with DaskEngine(cluster) as engine:
         reports = []
 
@@ -166,7 +198,7 @@ async def test_200_concurrent_calls_are_never_merged(cluster: Any) -> None:
     assert len({r.pid for r in reports}) == 200
 
 
-async def test_a_fan_out_and_an_isolator_on_the_engine(cluster: Any) -> None:
+async def test_a_fan_out_and_an_isolator_on_the_engine(cluster: Cluster) -> None:
     async with DaskEngine(cluster) as engine:
         async with isolated_map(remote.square, range(20), engine=engine) as results:
             assert [r async for r in results] == [n * n for n in range(20)]
@@ -201,7 +233,7 @@ async def test_a_worker_killed_mid_call_is_worker_lost(tmp_path: Path) -> None:
         await anyio.to_thread.run_sync(own.close)
 
 
-async def test_bad_uses(cluster: Any) -> None:
+async def test_bad_uses(cluster: Cluster) -> None:
     engine = DaskEngine(cluster)
     with pytest.raises(RuntimeError, match="inside 'async with DaskEngine"):
         await isolated(remote.square, 2, engine=engine)
@@ -220,7 +252,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def test_engines_leave_no_fds_behind(cluster: Any) -> None:
+async def test_engines_leave_no_fds_behind(cluster: Cluster) -> None:
     async def open_call_close() -> None:
         async with DaskEngine(cluster) as engine:
             assert await isolated(remote.square, 2, engine=engine) == 4
@@ -242,7 +274,7 @@ def test_without_distributed_the_engine_says_what_to_install(
         DaskEngine("tcp://127.0.0.1:8786")
 
 
-async def test_the_example_finds_what_a_local_search_finds(cluster: Any) -> None:
+async def test_the_example_finds_what_a_local_search_finds(cluster: Cluster) -> None:
     import dask_tree_search as example
     import parallel_tree_search as c4
 
