@@ -294,6 +294,10 @@ class Isolator:
             raise ValueError(f"mode must be 'fork' or 'zygote', not {mode!r}")
         if mode == "zygote" and options.get("zygote") is not None:
             raise ValueError("mode='zygote' starts a zygote of its own: leave out zygote=")
+        if mode == "zygote" and options.get("engine") is not None:
+            raise ValueError(
+                "mode='zygote' forks children on this machine and engine= on another: choose one"
+            )
         if mode == "fork" and preload:
             raise ValueError("preload= is for mode='zygote' (a fork-mode child has it all)")
         self._options = DEFAULTS.merge(options)

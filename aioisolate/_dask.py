@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import cloudpickle
 
 from ._errors import IsolationError, RemoteTraceback, WorkerLost
 from ._options import Options
@@ -60,9 +61,8 @@ class DaskEngine:
             raise ImportError(
                 "DaskEngine needs Dask's distributed scheduler: pip install 'aioisolate[dask]'"
             ) from exc
-        self._given: Any = None
         if isinstance(cluster, distributed.Client):
-            self._given = cluster
+            # The engine connects a client of its own (its event handler is its own too).
             self._address: str = str(cluster.scheduler_info()["address"])
         elif isinstance(cluster, str):
             self._address = cluster
@@ -73,6 +73,8 @@ class DaskEngine:
                 "DaskEngine takes a scheduler address, a distributed.Client or a cluster "
                 f"object, not {type(cluster).__name__}"
             )
+        if isinstance(preload, str):
+            raise TypeError(f"preload takes module names, as a list: [{preload!r}]")
         self._preload = tuple(preload)
         self._client: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the client's
@@ -90,10 +92,6 @@ class DaskEngine:
             raise RuntimeError("a DaskEngine can be entered only once")
         self._state = "opening"
         here = _running_asyncio_loop()
-        if self._given is not None and self._given.asynchronous and self._given.loop is not None:
-            given_loop = self._given.loop.asyncio_loop
-            if given_loop is here:
-                self._client = self._given  # the caller's own asynchronous client
         if here is not None:
             self._loop = here
         else:
@@ -114,10 +112,13 @@ class DaskEngine:
         tb: TracebackType | None,
     ) -> None:
         self._state = "closed"
-        try:
-            await self._on_client_loop(self._close)
-        finally:
-            await self._stop_thread()
+        # To the end, even under a cancelled scope: the remote calls are cancelled, the client
+        # closed, and the thread and loop (if any) stopped.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._on_client_loop(self._close)
+            finally:
+                await self._stop_thread()
 
     async def run_call(
         self,
@@ -152,14 +153,19 @@ class DaskEngine:
     async def _open(self) -> None:
         import distributed
 
-        from ._dask_worker import PLUGIN_NAME, IsolationPlugin
+        from ._dask_worker import IsolationPlugin, check, plugin_name
 
-        if self._client is None:
-            client: Any = distributed.Client
-            self._client = await client(self._address, asynchronous=True)
-        self._client.subscribe_topic("all", self._on_event)
-        # On every worker, and on those that join later.
-        await self._client.register_plugin(IsolationPlugin(self._preload), name=PLUGIN_NAME)
+        connect: Any = distributed.Client
+        self._client = await connect(self._address, asynchronous=True)
+        try:
+            self._client.subscribe_topic("all", self._on_event)
+            # On every worker, and on those that join later.
+            name = plugin_name(self._preload)
+            await self._client.register_plugin(IsolationPlugin(self._preload), name=name)
+            await self._client.run(check, name)  # every worker can serve, or the reason
+        except BaseException:
+            await _to_the_end(self._client.close())
+            raise
 
     async def _close(self) -> None:
         for task in self._waiting.values():
@@ -171,30 +177,48 @@ class DaskEngine:
         if client is None:
             return
         client.unsubscribe_topic("all")
-        if client is not self._given:
-            await client.close()
+        await _to_the_end(client.close())
 
     async def _submit(
         self, func: Callable[..., Any], args: tuple[Any, ...], options: Options
     ) -> tuple[Any, ...]:
-        from ._dask_worker import run_call
+        from distributed.client import FutureCancelledError
 
+        from ._dask_worker import plugin_name, run_call
+
+        # Pickled here, in a thread (a large argument would hold up the loop), and sent as one
+        # opaque value: Dask would otherwise walk every nested argument on the loop, and put
+        # the results of any Dask futures among them in their place.
+        try:
+            payload = await asyncio.to_thread(cloudpickle.dumps, (func, args))
+        except Exception as exc:
+            raise TypeError(
+                f"{getattr(func, '__qualname__', func)!r} and its arguments must pickle to go to "
+                f"the cluster, and could not: {exc}"
+            ) from exc
         key = f"aioisolate-{uuid.uuid4().hex}"
         remote = dataclasses.replace(options, limiter=None, engine=None)
         # pure=False and a fresh key: two calls with equal arguments are two calls.
-        future = self._client.submit(run_call, func, args, remote, key, key=key, pure=False)
+        future = self._client.submit(
+            run_call, payload, remote, key, plugin_name(self._preload), key=key, pure=False
+        )
         waiting = asyncio.ensure_future(_result(future))
         self._waiting[key] = waiting
         try:
             outcome: tuple[Any, ...] = await waiting
             return outcome
+        except FutureCancelledError as exc:
+            raise IsolationError(
+                f"Dask cancelled the call {key} (the scheduler restarted or was lost?): {exc}"
+            ) from exc
         except asyncio.CancelledError:
             if key in self._lost:
                 worker = self._lost[key]
                 raise WorkerLost(
                     f"the Dask worker {worker} left the cluster (it died, or was retired) while "
-                    f"it ran the call {key}; the child died with it, and the call is not run "
-                    "again elsewhere",
+                    f"it held the call {key} (running, queued, or holding its result); if the "
+                    "call had started, its child died with it. The engine cancelled the call "
+                    "rather than let Dask run it again",
                     worker=worker,
                     key=key,
                 ) from None
@@ -218,7 +242,10 @@ class DaskEngine:
         if not isinstance(message, dict) or message.get("action") != "remove-worker":
             return
         worker = str(message.get("worker", "?"))
-        for key in message.get("processing-tasks", ()):
+        # Running or queued there, or done there with the result not yet taken (which Dask
+        # would compute again).
+        held = [*message.get("processing-tasks", ()), *message.get("lost-computed-tasks", ())]
+        for key in held:
             waiting = self._waiting.get(str(key))
             if waiting is not None:
                 self._lost[str(key)] = worker
@@ -257,27 +284,36 @@ def _running_asyncio_loop() -> asyncio.AbstractEventLoop | None:
 def _start_loop_thread() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
     """An asyncio loop running in a thread of its own, for the client of a trio caller."""
     loop = asyncio.new_event_loop()
-    # Named as the library's threads are: the fork-with-threads warning does not count it.
-    thread = threading.Thread(target=loop.run_forever, name="aioisolate-dask", daemon=True)
+    # Not named as the library's own threads: it runs Dask's code, which takes locks, so the
+    # fork-with-threads warning counts it.
+    thread = threading.Thread(target=loop.run_forever, name="DaskEngine client", daemon=True)
     thread.start()
     return loop, thread
 
 
 async def _bridge(coro: Coroutine[Any, Any, T], loop: asyncio.AbstractEventLoop) -> T:
-    """Run ``coro`` on another thread's loop and wait here; if this is cancelled, cancel it
-    there and wait for it to finish (it cleans up: the remote call is cancelled)."""
-    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    """Run ``coro`` as a task on another thread's loop and wait here for it to end; if this is
+    cancelled, cancel it there and wait until it has ended (it cleans up: the remote call is
+    cancelled)."""
     done = anyio.Event()
     wake = _waker()
-    future.add_done_callback(lambda _: wake(done.set))
+    tasks: list[asyncio.Task[T]] = []
+
+    def start() -> None:
+        task = loop.create_task(coro)
+        task.add_done_callback(lambda _: wake(done.set))
+        tasks.append(task)
+
+    loop.call_soon_threadsafe(start)
     try:
         await done.wait()
     except BaseException:
-        future.cancel()
+        # After start(): the loop runs its callbacks in the order they came.
+        loop.call_soon_threadsafe(lambda: tasks[0].cancel())
         with anyio.CancelScope(shield=True):
             await done.wait()
         raise
-    return future.result()
+    return tasks[0].result()
 
 
 def _waker() -> Callable[[Callable[[], object]], object]:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import remote
 from aioisolate import (
     ChildCrashed,
     DaskEngine,
+    IsolationError,
     IsolationTimeout,
     Isolator,
     RemoteTraceback,
@@ -300,3 +302,48 @@ def test_the_example_runs_on_a_cluster_of_its_own() -> None:
     assert lines[0].startswith("opening (3, 3): best move column ")
     assert lines[1].startswith("opening (3, 2): best move column ")
     assert lines[2].startswith("14 searches at depth 4: ")
+
+
+async def test_cancels_at_any_moment_leave_no_child_running(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # Some cancels reach the worker before the call has begun, some while it runs.
+    async with DaskEngine(cluster) as engine:
+        for n in range(40):
+            with anyio.move_on_after(0.005 * (n % 8)):
+                await isolated(
+                    remote.announce_then_sleep, str(tmp_path / f"{n}.pid"), engine=engine
+                )
+        started = [int(await p.read_text()) async for p in anyio.Path(tmp_path).glob("*.pid")]
+        for pid in started:
+            await wait_gone(pid, within=2.0)
+        # None of them holds a worker's slot: calls go through at once.
+        with anyio.fail_after(30):
+            async with isolated_map(remote.square, range(8), engine=engine) as results:
+                assert [r async for r in results] == [n * n for n in range(8)]
+
+
+async def test_preloads_and_bad_preloads(cluster: Cluster) -> None:
+    with pytest.raises(TypeError, match=r"as a list: \['json'\]"):
+        DaskEngine(cluster, preload="json")  # type: ignore[arg-type]
+    async with DaskEngine(cluster, preload=["json"]) as engine:
+        assert await isolated(remote.square, 3, engine=engine) == 9
+    # The workers' helpers cannot start: the engine does not open, and says why.
+    with pytest.raises(IsolationError, match=r"(?s)could not start.*no_such_module_here"):
+        async with DaskEngine(cluster, preload=["no_such_module_here"]):
+            pass
+    async with DaskEngine(cluster) as engine:  # the others are not affected
+        assert await isolated(remote.square, 4, engine=engine) == 16
+
+
+async def test_what_does_not_pickle_is_a_clear_error(cluster: Cluster) -> None:
+    lock = threading.Lock()
+    async with DaskEngine(cluster) as engine:
+        with pytest.raises(TypeError, match="must pickle to go to the cluster"):
+            await isolated(remote.square, lock, engine=engine)  # type: ignore[arg-type]
+
+
+def test_zygote_mode_and_an_engine_are_refused_at_once(cluster: Cluster) -> None:
+    engine = DaskEngine(cluster)
+    with pytest.raises(ValueError, match="choose one"):
+        Isolator(mode="zygote", engine=engine)
