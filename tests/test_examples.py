@@ -1,4 +1,5 @@
-"""The web service example: every outcome of an upload, in process and over a real server."""
+"""The web service and the trio program: every outcome of an upload, in process and over a real
+server, and the trio program's report."""
 
 from __future__ import annotations
 
@@ -182,3 +183,26 @@ async def test_web_service_as_a_program() -> None:
     # uvicorn (0.29 on) raises the signal again once it has shut down, so the server ends as
     # SIGTERM's default would have ended it.
     assert returncode == -signal.SIGTERM
+
+
+def test_trio_program_reports_its_calls() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "trio_program.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    out = result.stdout
+    figures = r"child \d+: wall [\d.]+ s, cpu [\d.]+ s, peak [\d.]+ MiB"
+    assert re.search(rf"primes below 20,000,000 +1,270,607   {figures}", out), out
+    assert re.search(rf"index of 1,000,000 +1,000,000   {figures}", out), out
+    assert "1 GiB buffer             MemoryError in the child (memory_limit=100MiB)" in out
+    cancelled = re.search(
+        r"endless search +cancelled by trio.move_on_after after ([\d.]+) s: "
+        r"child \d+ killed and reaped",
+        out,
+    )
+    assert cancelled, out
+    assert float(cancelled[1]) >= 1.0
+    assert out.endswith("children left running: 0\n")
