@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import distributed
 import psutil
 import pytest
 import remote
@@ -33,8 +34,6 @@ from aioisolate import (
     isolated_map,
     isolated_with_report,
 )
-
-distributed = pytest.importorskip("distributed")
 
 # The calls run on the workers; the local watcher variants are tested elsewhere.
 pytestmark = [

@@ -65,7 +65,6 @@ def test_the_console_script() -> None:
 def test_on_a_terminal_the_table_is_drawn_with_rich(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("rich")
     monkeypatch.setenv("COLUMNS", "160")
     rows = anyio.run(functools.partial(_demo.demo, quick=True, fancy=True))
     out = capsys.readouterr().out

@@ -634,7 +634,7 @@ def test_pytest_exit_in_an_isolated_test_ends_the_run(pytester: pytest.Pytester)
 
 
 def test_with_xdist(pytester: pytest.Pytester) -> None:
-    pytest.importorskip("xdist")
+    # pytest-xdist is in the test extra: the plugin is checked with it, never skipped.
     suite = """
         import ctypes
         import os
