@@ -1,7 +1,7 @@
 """What the child does after fork, from its first instruction to ``os._exit``.
 
 The child starts as a copy of the parent in the middle of an event-loop step, with all signals
-blocked (see `_call.spawn`). Before running the function it makes itself a fresh process:
+blocked (see `_forking.fork`). Before running the function it makes itself a fresh process:
 its own process group, the default signal handlers, no wakeup fd, no running event loop, stdin
 from /dev/null, and none of the parent's other result pipes or pidfds. It then runs the function
 (on a new event loop of the parent's kind if the function is async), writes one frame to the
@@ -22,15 +22,12 @@ import types
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal, NoReturn
 
-from . import _limits, _platform, _protocol, _sandbox
+from . import _limits, _linux, _protocol, _sandbox
 from ._codec import PICKLE, Codec
+from ._forking import EXIT_INTERNAL
 from ._sandbox import Sandbox
 
 LoopKind = Literal["asyncio", "uvloop", "trio"]
-
-# The exit code of a child that could not send its outcome (the parent went away, say).
-EXIT_INTERNAL: Final = 120
-
 
 # Plan.stdout / Plan.stderr: keep the parent's, or send to /dev/null; any other value is the
 # write end of a pipe the parent drains.
@@ -44,7 +41,6 @@ class Plan:
 
     write_fd: int
     inherited_fds: list[int]  # the parent's other fds of ours, for the child to close
-    sigmask: set[int]  # the mask to restore once the handlers are reset
     parent_pid: int
     loop_kind: LoopKind
     memory_limit: int | None = None
@@ -60,32 +56,23 @@ class Plan:
     result_limit: int | None = None  # max_result_size: a larger result is not spilled
 
 
-def current_loop_kind() -> LoopKind:
-    """In the parent: the kind of event loop the calling task runs on (anyio's two backends)."""
-    import asyncio
-
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return "trio"
-    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
-
-
 def run(
     func: Callable[..., Any],
     args: tuple[Any, ...],
     plan: Plan,
+    sigmask: set[int],
     load: Callable[[Plan], tuple[Callable[..., Any], tuple[Any, ...], Plan]] | None = None,
 ) -> NoReturn:
     """Set up, run ``func(*args)``, send what came of it, and exit.
 
-    A zygote's child gets the function by ``load`` instead, which unpickles it once the child
-    is set up (and returns the plan with the codec it brought).
+    ``sigmask`` is the mask to restore once the handlers are reset (see `_forking.fork`). A
+    zygote's child gets the function by ``load`` instead, which unpickles it once the child is
+    set up (and returns the plan with the codec it brought).
     """
     code = EXIT_INTERNAL
     try:
         try:
-            resident_at_start = _become_fresh_process(plan)
+            resident_at_start = _become_fresh_process(plan, sigmask)
             if load is not None:
                 # Before the limits and the sandbox, as a forked child has its arguments
                 # before them: their copy is not growth, nor is the sandbox in their way.
@@ -107,15 +94,15 @@ def run(
         os._exit(code)
 
 
-def _become_fresh_process(plan: Plan) -> int:
+def _become_fresh_process(plan: Plan, sigmask: set[int]) -> int:
     """Set the child up; return its resident memory when it started, in bytes."""
     # First, before this setup touches (and so copies) anything: the kernel starts a child's
     # peak at its resident size at fork, which is what the parent subtracts from the final peak.
-    resident_at_start = _platform.peak_resident()
+    resident_at_start = _linux.peak_resident()
     # Our own group: Ctrl-C at the terminal reaches only the parent (which then cancels and
     # kills us), and one killpg() reaches everything we start.
     os.setpgid(0, 0)
-    _platform.die_with_parent()
+    _linux.die_with_parent()
     if os.getppid() != plan.parent_pid:
         os._exit(EXIT_INTERNAL)  # the parent died before the line above took effect
     if plan.nice:
@@ -126,7 +113,7 @@ def _become_fresh_process(plan: Plan) -> int:
     _reset_signal_handlers()
     # Signals were blocked across fork so that none could run a parent's handler here; with the
     # handlers reset it is safe to take them again.
-    _signal.pthread_sigmask(_signal.SIG_SETMASK, plan.sigmask)
+    _signal.pthread_sigmask(_signal.SIG_SETMASK, sigmask)
 
     # A background process group that reads the terminal is stopped by SIGTTIN.
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -380,7 +367,7 @@ def _warm_up() -> None:
     _protocol.encode_stats(0)
     _protocol.encode_result(None, PICKLE)
     _is_awaitable(None)
-    _platform.peak_resident()
+    _linux.peak_resident()
 
 
 _warm_up()

@@ -25,7 +25,7 @@ from typing import Any, Final, Literal, Protocol, runtime_checkable
 
 import cloudpickle
 
-from ._errors import IsolationError
+from ._errors import ProtocolError
 
 
 @runtime_checkable
@@ -166,14 +166,14 @@ def _encode(value: Any, out: list[bytes], depth: int) -> None:
 
 
 def load_plain(data: bytes | bytearray | memoryview) -> Any:
-    """Decode the safe codec's format; raises IsolationError for anything malformed."""
+    """Decode the safe codec's format; raises `ProtocolError` for anything malformed."""
     decoder = _Decoder(memoryview(data))
     try:
         value = decoder.value(0)
     except (ValueError, TypeError, OverflowError, UnicodeDecodeError, struct.error) as exc:
-        raise IsolationError(f"the child sent malformed data: {exc}") from None
+        raise ProtocolError(f"the child sent malformed data: {exc}") from None
     if decoder.at != len(decoder.data):
-        raise IsolationError("the child sent malformed data: bytes after the value")
+        raise ProtocolError("the child sent malformed data: bytes after the value")
     return value
 
 
@@ -197,7 +197,7 @@ class _Decoder:
     def charge(self, value: Any) -> Any:
         self.budget -= sys.getsizeof(value)
         if self.budget < 0:
-            raise IsolationError(
+            raise ProtocolError(
                 "the child sent data that would take more than "
                 f"{MEMORY_FACTOR} times its size in memory to build; it was refused"
             )
@@ -240,7 +240,7 @@ def _array(dtype: Any, shape: Any, data: Any) -> Any:
     try:
         import numpy
     except ImportError as exc:
-        raise IsolationError("the child sent a numpy array, and numpy is not installed") from exc
+        raise ProtocolError("the child sent a numpy array, and numpy is not installed") from exc
     if not (
         isinstance(dtype, str)
         and isinstance(shape, tuple)

@@ -14,32 +14,36 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._report import CallReport
 
-__all__ = [
-    "CPULimitExceeded",
-    "ChildCrashed",
-    "IsolationError",
-    "IsolationTimeout",
-    "MemoryLimitExceeded",
-    "RemoteError",
-    "RemoteTraceback",
-    "ThreadedForkWarning",
-    "WorkerLost",
-    "ZygoteDied",
-]
-
 
 class IsolationError(Exception):
     """Base class of every error about an isolated call rather than from it.
 
-    Raised as itself when the call could not be carried out: the result could not be pickled,
-    the child sent data the parent could not read, or the `Isolator` was closed while the call
-    ran. The subclasses below cover the other ways a call ends without a value.
+    Raised as itself when the call could not be carried out: the result could not be encoded
+    in the child or decoded in the parent, the child could not be started, or the `Isolator`
+    was closed while the call ran. The subclasses below cover the other ways a call ends
+    without a value.
 
     Attributes:
         report: the `CallReport` of the call, when it got as far as forking; else None.
     """
 
     report: CallReport | None = None
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Our exceptions take keyword-only arguments, which the default exception pickling
+        # (cls(*args)) cannot supply: they are rebuilt from args and __dict__ instead.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+class ProtocolError(IsolationError):
+    """The parent refused what the child sent: its result never reaches the caller.
+
+    Raised for data on the result pipe that is not a frame of ours (or is cut short, or
+    followed by more), a result larger than ``max_result_size``, safe-codec data that is
+    malformed or would build more than its bound, and a spilled result whose file is not
+    sealed or does not match its table. The child is killed if it still runs. A child that
+    runs code you do not trust (``codec="safe"``) can cause it: catch it to refuse that input.
+    """
 
 
 class ChildCrashed(IsolationError):
@@ -70,9 +74,6 @@ class ChildCrashed(IsolationError):
         self.pid = pid
         self.exitcode = exitcode
         self.signal = signal
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class MemoryLimitExceeded(ChildCrashed):
@@ -141,9 +142,6 @@ class WorkerLost(IsolationError):
         self.worker = worker
         self.key = key
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild, (type(self), self.args, self.__dict__))
-
 
 class IsolationTimeout(IsolationError, TimeoutError):
     """The child ran longer than the call's ``timeout=``; it was killed and reaped.
@@ -160,9 +158,6 @@ class IsolationTimeout(IsolationError, TimeoutError):
         super().__init__(message)
         self.pid = pid
         self.timeout = timeout
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild, (type(self), self.args, self.__dict__))
 
 
 class RemoteError(IsolationError):
@@ -185,9 +180,6 @@ class RemoteError(IsolationError):
         self.message = remote_message
         self.traceback = traceback
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild, (type(self), self.args, self.__dict__))
-
 
 class RemoteTraceback(Exception):
     """Carries the child's formatted traceback, as the ``__cause__`` of a re-raised exception.
@@ -207,8 +199,6 @@ class RemoteTraceback(Exception):
 def _rebuild(
     cls: type[BaseException], args: tuple[object, ...], state: dict[str, object]
 ) -> object:
-    # Our exceptions take keyword-only arguments, which the default exception pickling (which
-    # calls cls(*args)) cannot supply, so they are rebuilt from args and __dict__.
     exc = cls.__new__(cls)
     exc.args = args
     exc.__dict__.update(state)

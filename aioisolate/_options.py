@@ -1,4 +1,5 @@
-"""The options of an isolated call: their names, defaults, and the checks run before any fork."""
+"""The options of an isolated call: their names (`CallOptions`), their checked form (`Options`),
+and the checks run before any fork: one table (`_CHECKS`) names every option and its check."""
 
 from __future__ import annotations
 
@@ -8,17 +9,15 @@ import os
 import re
 import resource
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypedDict, runtime_checkable
+from typing import Any, Final, Literal, TypedDict
 
 import anyio
 
 from ._codec import PICKLE, Codec, CodecName
 from ._codec import resolve as resolve_codec
+from ._engines import Engine
 from ._sandbox import Sandbox, primary_group, resolve_group, resolve_user
 from ._zygote import Zygote
-
-if TYPE_CHECKING:
-    from ._report import CallReport
 
 Output = Literal["inherit", "discard", "capture"]
 _OUTPUTS: Final = ("inherit", "discard", "capture")
@@ -60,8 +59,11 @@ class CallOptions(TypedDict, total=False):
             are idle, the children get all of them all the same. 0 runs the child at the
             parent's priority.
 
-        zygote: a running `Zygote`: the child is forked by that helper process instead of by
-            this one (zygote mode; see `Zygote` for what changes). Default None: fork mode.
+        zygote: fork the child from a small helper process instead of from this one (zygote
+            mode; see `Zygote` for what changes): an open `Zygote` to share one helper, or
+            True for the enclosing scope's (an `Isolator` opened with ``zygote=True`` starts
+            its own; a call made outside one uses a helper this process starts at its first
+            such call and keeps until it exits). Default None (or False): fork mode.
         engine: an open engine, such as `DaskEngine`, that runs the call on another machine:
             the child is forked there, and the value, error and report come back here. No
             limiter applies unless one is given: the cluster bounds how many calls run.
@@ -98,7 +100,7 @@ class CallOptions(TypedDict, total=False):
     codec: CodecName | Codec
     max_result_size: int | str | None
     nice: int
-    zygote: Zygote | None
+    zygote: Zygote | bool | None
     engine: Engine | None
     close_fds: bool
     pass_fds: Iterable[int]
@@ -111,22 +113,6 @@ class CallOptions(TypedDict, total=False):
     user: int | str | None
     group: int | str | None
     network: bool
-
-
-@runtime_checkable
-class Engine(Protocol):
-    """Something that runs isolated calls elsewhere (`DaskEngine`): given with ``engine=``."""
-
-    async def run_call(
-        self,
-        func: Callable[..., Any],
-        args: tuple[Any, ...],
-        options: Options,
-        reports: list[CallReport] | None,
-    ) -> tuple[Any, CallReport]:
-        """Run ``func(*args)`` in a child with ``options``; return its value and report, or
-        raise what it raised, as a local call would. Append the report to ``reports``."""
-        ...
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -145,7 +131,7 @@ class Options:
     codec: Codec = PICKLE
     max_result_size: int | None = None
     nice: int = 10
-    zygote: Zygote | None = None
+    zygote: Zygote | Literal[True] | None = None  # True: the enclosing scope's (see CallOptions)
     engine: Engine | None = None
     sandbox: Sandbox = Sandbox()
 
@@ -161,51 +147,20 @@ class Options:
         """These options with ``overrides`` checked and applied; raises before any fork."""
         if not overrides:
             return self
-        unknown = set(overrides) - set(CallOptions.__annotations__)
+        unknown = [name for name in overrides if name not in _CHECKS]
         if unknown:
             raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        o = dict(overrides)
-        if "limiter" in o:
-            _check_limiter(o["limiter"])
-        if o.get("timeout") is not None:
-            timeout = _positive_seconds("timeout", o["timeout"], allow_inf=True)
-            o["timeout"] = None if timeout == math.inf else timeout
-        if o.get("cpu_limit") is not None:
-            o["cpu_limit"] = _positive_seconds("cpu_limit", o["cpu_limit"], most=_MAX_CPU)
-        if "kill_grace" in o:
-            grace = o["kill_grace"]
-            o["kill_grace"] = 0.0 if grace == 0 else _positive_seconds("kill_grace", grace)
-        if o.get("memory_limit") is not None:
-            o["memory_limit"] = parse_size("memory_limit", o["memory_limit"])
-        if "max_output" in o:
-            o["max_output"] = parse_size("max_output", o["max_output"])
-        if o.get("max_result_size") is not None:
-            o["max_result_size"] = parse_size("max_result_size", o["max_result_size"])
-        if "codec" in o:
-            o["codec"] = resolve_codec(o["codec"])
-        if "nice" in o:
-            nice = o["nice"]
-            if isinstance(nice, bool) or not isinstance(nice, int):
-                raise TypeError(f"nice must be an int from 0 to 19, not {nice!r}")
-            if not 0 <= nice <= 19:
-                raise ValueError(
-                    f"nice must be from 0 (the parent's priority) to 19 (the lowest), not {nice}"
-                )
-        sandbox: dict[str, Any] = {name: o.pop(name) for name in _SANDBOX_OPTIONS if name in o}
+        changes: dict[str, Any] = {}
+        sandbox: dict[str, Any] = {}
+        for name, value in overrides.items():
+            check = _CHECKS[name]
+            if check is None:
+                sandbox[name] = value  # checked together below: user= and group= go in pairs
+            else:
+                changes[name] = check(name, value)
         if sandbox:
-            o["sandbox"] = _check_sandbox(self.sandbox, sandbox)
-        if "kill_descendants" in o and not isinstance(o["kill_descendants"], bool):
-            raise TypeError("kill_descendants must be True or False")
-        for name in ("stdout", "stderr"):
-            if name in o and o[name] not in _OUTPUTS:
-                raise ValueError(f"{name} must be one of {_OUTPUTS}, not {o[name]!r}")
-        if o.get("zygote") is not None and not isinstance(o["zygote"], Zygote):
-            raise TypeError(f"zygote must be a Zygote, not {type(o['zygote']).__name__}")
-        if o.get("engine") is not None and not isinstance(o["engine"], Engine):
-            raise TypeError(
-                f"engine must be an engine such as DaskEngine, not {type(o['engine']).__name__}"
-            )
-        merged = dataclasses.replace(self, **o)  # type: ignore[arg-type]
+            changes["sandbox"] = _check_sandbox(self.sandbox, sandbox)
+        merged = dataclasses.replace(self, **changes)
         if merged.engine is not None and merged.zygote is not None:
             raise ValueError(
                 "zygote= forks children on this machine and engine= on another: choose one"
@@ -346,6 +301,88 @@ def _check_sandbox(current: Sandbox, given: dict[str, Any]) -> Sandbox:
     return dataclasses.replace(current, **changes)
 
 
-def _check_limiter(limiter: object) -> None:
+def _check_limiter(name: str, limiter: object) -> object:
     if limiter is not None and not isinstance(limiter, anyio.CapacityLimiter):
         raise TypeError(f"limiter must be an anyio.CapacityLimiter, not {type(limiter).__name__}")
+    return limiter
+
+
+def _check_timeout(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    timeout = _positive_seconds(name, value, allow_inf=True)
+    return None if timeout == math.inf else timeout
+
+
+def _check_cpu_limit(name: str, value: object) -> float | None:
+    return None if value is None else _positive_seconds(name, value, most=_MAX_CPU)
+
+
+def _check_grace(name: str, value: object) -> float:
+    return 0.0 if value == 0 else _positive_seconds(name, value)
+
+
+def _check_size(name: str, value: object) -> int | None:
+    return None if value is None else parse_size(name, value)
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False")
+    return value
+
+
+def _check_output(name: str, value: object) -> object:
+    if value not in _OUTPUTS:
+        raise ValueError(f"{name} must be one of {_OUTPUTS}, not {value!r}")
+    return value
+
+
+def _check_codec(name: str, value: object) -> Codec:
+    return resolve_codec(value)
+
+
+def _check_nice(name: str, nice: object) -> int:
+    if isinstance(nice, bool) or not isinstance(nice, int):
+        raise TypeError(f"nice must be an int from 0 to 19, not {nice!r}")
+    if not 0 <= nice <= 19:
+        raise ValueError(
+            f"nice must be from 0 (the parent's priority) to 19 (the lowest), not {nice}"
+        )
+    return nice
+
+
+def _check_zygote(name: str, value: object) -> Zygote | Literal[True] | None:
+    if value is None or value is False:
+        return None  # fork mode
+    if value is True or isinstance(value, Zygote):
+        return value
+    raise TypeError(f"zygote must be a Zygote, True or False, not {type(value).__name__}")
+
+
+def _check_engine(name: str, value: object) -> Engine | None:
+    if value is not None and not isinstance(value, Engine):
+        raise TypeError(f"engine must be an engine such as DaskEngine, not {type(value).__name__}")
+    return value
+
+
+# Every option, and the check that turns what the caller gave into its `Options` field; None
+# for the sandbox's, which `_check_sandbox` takes together (tests/test_public_api.py checks
+# that this table and `CallOptions` name the same options).
+_CHECKS: Final[dict[str, Callable[[str, Any], Any] | None]] = {
+    "limiter": _check_limiter,
+    "timeout": _check_timeout,
+    "memory_limit": _check_size,
+    "cpu_limit": _check_cpu_limit,
+    "kill_grace": _check_grace,
+    "kill_descendants": _check_flag,
+    "stdout": _check_output,
+    "stderr": _check_output,
+    "max_output": parse_size,
+    "codec": _check_codec,
+    "max_result_size": _check_size,
+    "nice": _check_nice,
+    "zygote": _check_zygote,
+    "engine": _check_engine,
+    **dict.fromkeys(_SANDBOX_OPTIONS),
+}

@@ -28,7 +28,7 @@ import cloudpickle
 
 from . import _spill
 from ._codec import PICKLE, SAFE, Codec, load_plain
-from ._errors import IsolationError, RemoteError, RemoteTraceback
+from ._errors import IsolationError, ProtocolError, RemoteError, RemoteTraceback
 
 MAGIC: Final = b"AISO"
 VERSION: Final = 1
@@ -147,7 +147,7 @@ def decode(
         if pickled is not None and not isinstance(pickled, bytes):
             raise TypeError("not an error description")
     except (IsolationError, TypeError, ValueError) as exc:
-        raise IsolationError(f"the child sent a malformed error description: {exc}") from None
+        raise ProtocolError(f"the child sent a malformed error description: {exc}") from None
     cause = RemoteTraceback(tb_text)
     if what == _UNPICKLABLE_RESULT:
         raise IsolationError(
@@ -208,7 +208,7 @@ class FrameReader:
 
         Returns after `_TURN` bytes at most, so that a child writing fast cannot keep the
         event loop here: the caller waits for the pipe again, which is ready at once.
-        Raises `IsolationError` for a header that is not ours.
+        Raises `ProtocolError` for a header that is not ours, or a frame it refuses.
         """
         budget = _TURN
         while not self.complete and not self.eof and budget > 0:
@@ -231,7 +231,7 @@ class FrameReader:
             if self.complete and self.kind == STATS:
                 assert self.payload is not None
                 if self.resident_at_start is not None or len(self.payload) != _STATS_PAYLOAD.size:
-                    raise IsolationError("the child sent a malformed or second STATS frame")
+                    raise ProtocolError("the child sent a malformed or second STATS frame")
                 (self.resident_at_start,) = _STATS_PAYLOAD.unpack(self.payload)
                 self.reset()
 
@@ -253,19 +253,19 @@ class FrameReader:
             or version != VERSION
             or kind not in (RESULT, ERROR, ITEM, END, STATS, SPILLED)
         ):
-            raise IsolationError(
+            raise ProtocolError(
                 f"the child wrote data that is not a result frame to the result pipe "
                 f"(header {bytes(self.header)!r})"
             )
         if self.max_size is not None and length > self.max_size:
-            raise IsolationError(
+            raise ProtocolError(
                 f"the child announced {length} bytes of result, more than "
                 f"max_result_size={self.max_size}; raise the limit if that is expected"
             )
         try:
             self.payload = bytearray(length)
         except MemoryError:
-            raise IsolationError(
+            raise ProtocolError(
                 f"the child announced {length} bytes of result, more than the parent can "
                 "hold; set max_result_size= to refuse such results early"
             ) from None

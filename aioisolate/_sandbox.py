@@ -16,7 +16,7 @@ import pwd
 import resource
 from collections.abc import Mapping
 
-from . import _platform
+from . import _linux
 from ._errors import IsolationError
 
 
@@ -88,12 +88,12 @@ def apply(sandbox: Sandbox, keep_fds: set[int]) -> None:
     if sandbox.uid is not None:
         _drop_privileges(sandbox.uid, sandbox.gid)
     if sandbox.no_new_privs:
-        _platform.set_no_new_privs()
+        _linux.set_no_new_privs()
 
 
 def _private_network() -> None:
     try:
-        _platform.unshare_network()
+        _linux.unshare_network()
     except OSError as exc:
         if exc.errno in (errno.EPERM, errno.EINVAL, errno.ENOSYS):
             raise IsolationError(

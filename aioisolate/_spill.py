@@ -24,7 +24,7 @@ import struct
 from typing import Any, Final
 
 from ._codec import dump_pickle
-from ._errors import IsolationError
+from ._errors import ProtocolError
 
 # Smaller buffers stay in the pickle: a pipe holds them at once.
 SPILL_MIN: Final = 64 << 10
@@ -125,12 +125,12 @@ def write_at(fd: int, data: memoryview | bytes, offset: int) -> None:
 
 def take(fd: int, payload: bytes | bytearray, limit: int | None) -> mmap.mmap | None:
     """In the parent, once the child is gone: map the file the child spilled into (None if the
-    table lists no buffer). Raises `IsolationError` for a result over ``limit`` (the pickle and
+    table lists no buffer). Raises `ProtocolError` for a result over ``limit`` (the pickle and
     the buffers together), a file that is not sealed, or a table that lies about it."""
     table = _table(payload)
     total = len(payload) + sum(length for _, length in table)
     if limit is not None and total > limit:
-        raise IsolationError(
+        raise ProtocolError(
             f"the child spilled {total} bytes of result, more than max_result_size={limit}; "
             "raise the limit if that is expected"
         )
@@ -138,10 +138,10 @@ def take(fd: int, payload: bytes | bytearray, limit: int | None) -> mmap.mmap | 
         return None
     # The seals first: once they are on, the size read next can no longer change.
     if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:  # type: ignore[attr-defined,unused-ignore]
-        raise IsolationError("the child left its result file unsealed; it was not read")
+        raise ProtocolError("the child left its result file unsealed; it was not read")
     size = os.fstat(fd).st_size
     if any(offset + length > size for offset, length in table):
-        raise IsolationError("the child's spill table points beyond the end of the file")
+        raise ProtocolError("the child's spill table points beyond the end of the file")
     # Private and writable: the arrays built on it are writable, as unpickled arrays are, and
     # a write copies only the page it touches.
     return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -150,10 +150,10 @@ def take(fd: int, payload: bytes | bytearray, limit: int | None) -> mmap.mmap | 
 def _table(payload: bytes | bytearray) -> list[tuple[int, int]]:
     view = memoryview(payload)
     if len(view) < _COUNT.size:
-        raise IsolationError("the child sent a spilled result without its table")
+        raise ProtocolError("the child sent a spilled result without its table")
     (count,) = _COUNT.unpack_from(view)
     if _COUNT.size + count * _ENTRY.size > len(view):
-        raise IsolationError("the child sent a spill table longer than its frame")
+        raise ProtocolError("the child sent a spill table longer than its frame")
     return [_ENTRY.unpack_from(view, _COUNT.size + i * _ENTRY.size) for i in range(count)]
 
 

@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import anyio
-import anyio.lowlevel
 
-from . import _platform, _protocol
-from ._api import default_limiter
-from ._call import spawn
+from ._call import Call
 from ._errors import IsolationError
-from ._options import DEFAULTS, CallOptions, Options
+from ._options import Options
 from ._report import CallReport
 
 if TYPE_CHECKING:
-    from typing import Self, TypeVarTuple, Unpack
-
-    PosArgsT = TypeVarTuple("PosArgsT")
+    from typing import Self
 
 T = TypeVar("T")
+
+
+class Owner(Protocol):
+    """What a stream opened from an `Isolator` reports to, so that closing the isolator ends
+    it: each wait for an item, and a close, runs in a cancel scope the owner tracks (and has
+    cancelled already once it is closed)."""
+
+    def _track(self) -> anyio.CancelScope: ...
+
+    def _untrack(self, scope: anyio.CancelScope) -> None: ...
 
 
 class ItemStream(AsyncIterator[T], Generic[T]):
@@ -45,14 +49,26 @@ class ItemStream(AsyncIterator[T], Generic[T]):
 
     An open stream holds one token of its limiter (its child is running): isolated calls made
     from the loop body need a token more, so give them a limiter of their own if the stream's
-    has only one.
+    has only one. A stream opened from an `Isolator` ends when the isolator closes: the next
+    item raises `IsolationError`.
     """
 
-    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...], options: Options) -> None:
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        options: Options,
+        limiter: Callable[[], anyio.CapacityLimiter],
+        owner: Owner | None = None,
+    ) -> None:
         # The generator gets a holder for the report, not this object: a reference back would
         # make a cycle, and a stream dropped in a cycle is closed only by a full GC pass.
         self._reports: list[CallReport] = []
-        self._items: AsyncGenerator[T, None] = _items(func, args, options, self._reports)
+        self._items: AsyncGenerator[T, None] = _items(func, args, options, limiter, self._reports)
+        self._owner = owner
+        self._busy = False  # waiting for an item, or closing: in a scope the owner tracks
+        self._finished = False  # the generator ended (or was closed)
+        self._closed_by_owner = False
 
     @property
     def report(self) -> CallReport | None:
@@ -63,109 +79,82 @@ class ItemStream(AsyncIterator[T], Generic[T]):
         return self
 
     async def __anext__(self) -> T:
-        return await self._items.__anext__()
+        if self._owner is None:
+            return await self._items.__anext__()
+        if self._closed_by_owner:
+            raise self._closed()
+        with self._in_use():
+            try:
+                return await self._items.__anext__()
+            except BaseException:
+                self._finished = True  # whatever left the generator ended it
+                raise
+        # The owner cancelled the wait as it closed: the child is killed and reaped.
+        self._finished = self._closed_by_owner = True
+        raise self._closed()
 
     async def aclose(self) -> None:
         """Stop the child (if it still runs), reap it, and release its limiter token."""
+        if self._owner is None or self._finished:
+            await self._items.aclose()
+            return
+        with self._in_use():  # an owner closing meanwhile waits for this
+            await self._items.aclose()
+        self._finished = True
+
+    @contextlib.contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """Around a wait for an item, or a close: in a scope the owner tracks, and cancels as
+        it closes (the cancellation is caught here)."""
+        assert self._owner is not None
+        scope = self._owner._track()
+        self._busy = True
+        try:
+            with scope:
+                yield
+        finally:
+            self._busy = False
+            self._owner._untrack(scope)
+
+    async def _close_for_owner(self) -> None:
+        """Called by the owner as it closes, while nothing waits for an item (not `_busy`)."""
+        self._closed_by_owner = True
+        self._finished = True
         await self._items.aclose()
+
+    def _closed(self) -> IsolationError:
+        closed = IsolationError(
+            "the Isolator was closed while this stream was open"
+            + ("; its child was killed" if self._reports else "")
+        )
+        closed.report = self.report
+        return closed
 
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
 
-@overload
-def isolated_iter(
-    func: Callable[[Unpack[PosArgsT]], AsyncIterable[T]],
-    *args: *PosArgsT,
-    **options: Unpack[CallOptions],
-) -> ItemStream[T]: ...
-
-
-@overload
-def isolated_iter(
-    func: Callable[[Unpack[PosArgsT]], Iterable[T]],
-    *args: *PosArgsT,
-    **options: Unpack[CallOptions],
-) -> ItemStream[T]: ...
-
-
-def isolated_iter(
-    func: Callable[[Unpack[PosArgsT]], Any],
-    *args: *PosArgsT,
-    **options: Unpack[CallOptions],
-) -> ItemStream[Any]:
-    """Run a generator function (sync or async) in a forked child and stream its items.
-
-    Takes the options of `isolated`; ``timeout`` bounds the child's whole run, however slowly
-    the items are consumed. Nothing starts until the first item is asked for.
-    """
-    if not callable(func):
-        raise TypeError(f"func must be callable, not {type(func).__name__}")
-    checked = DEFAULTS.merge(options)
-    if checked.engine is not None:
-        raise TypeError("isolated_iter runs its generator here: an engine= takes whole calls only")
-    return ItemStream(func, args, checked)
-
-
 async def _items(
-    func: Callable[..., Any], args: tuple[Any, ...], options: Options, reports: list[CallReport]
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    options: Options,
+    choose_limiter: Callable[[], anyio.CapacityLimiter],
+    reports: list[CallReport],
 ) -> AsyncGenerator[Any, None]:
-    mechanism = _platform.select_watcher()
-    limiter = default_limiter() if options.limiter is None else options.limiter
+    # Chosen here, not when the stream is made: the default limiter is the running loop's.
+    limiter = choose_limiter()
     # The token is held across yields, and the generator may be closed from another task (the
     # loop's finalizer), so it is borrowed on behalf of this stream rather than of a task.
     borrower = object()
     await limiter.acquire_on_behalf_of(borrower)
     try:
-        child = await spawn(func, args, options, mechanism, stream=True)
-        # On the event loop's clock (trio's is not time.monotonic()), counted from fork.
-        deadline = anyio.current_time() + (math.inf if options.timeout is None else options.timeout)
-        try:
-            await child.pace()
-            while True:
-                if not child.frame_ready():
-                    with anyio.move_on_at(deadline) as waiting:
-                        await child.next_frame()
-                    if waiting.cancelled_caught and not child.frame_ready():
-                        child.timed_out = True
-                        await child.kill_and_reap()
-                        break
-                else:
-                    # Already in the pipe: no deadline applies to what the child has done.
-                    await anyio.lowlevel.checkpoint()
-                if child.protocol_error is not None:
-                    break
-                if not child.reader.complete or child.reader.kind != _protocol.ITEM:
-                    break  # EOF (a crash), END or ERROR: the child is about to exit
-                payload = child.reader.payload
-                assert payload is not None
-                child.reader.reset()
-                yield _protocol.decode(_protocol.ITEM, payload, options.codec)
-            if not child.reaped:
-                # It has ended its stream (or died): no deadline for the last few steps.
-                await child.collect()
-        except BaseException:
-            # The consumer stopped early (GeneratorExit from aclose), was cancelled, or failed.
-            await child.kill_and_reap()
-            raise
-        finally:
-            child.close()
-            reports.append(child.report())
+        call = Call(func, args, options, stream=True, reports=reports)
+        async with call:
+            async for item in call:
+                yield item
     finally:
         limiter.release_on_behalf_of(borrower)
-    report = reports[-1]
-    try:
-        if child.reader.complete and child.reader.kind == _protocol.END:
-            return
-        child.outcome()  # raises the generator's exception, the crash or the timeout
-    except IsolationError as exc:
-        exc.report = report
-        raise
+    call.outcome()  # None once the generator finished; else raises what ended it

@@ -24,7 +24,6 @@ for SIGKILL when its parent dies).
 
 from __future__ import annotations
 
-import _signal
 import array
 import dataclasses
 import errno
@@ -42,7 +41,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any, Final, NoReturn
 
-from . import _child, _platform, _spill
+from . import _child, _forking, _linux, _spill
 
 # A request, parent to helper on the socket (the first byte says what it is).
 START: Final = b"S"
@@ -211,13 +210,13 @@ class _Helper:
                     *(running.status_fd for running in self.by_pid.values()),
                 ],
             )
-            _, anonymous = _platform.resident_memory()
-            sigmask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
-            try:
-                pid = os.fork()
-            finally:
-                if os.getpid() == plan.parent_pid:
-                    _signal.pthread_sigmask(_signal.SIG_SETMASK, sigmask)
+            _, anonymous = _linux.resident_memory()
+
+            def child(sigmask: set[int]) -> None:
+                load = _loader(request, payload_fd)
+                _child.run(_unloaded, (), plan, sigmask, load)
+
+            pid = _forking.fork(child)
         except Exception as exc:
             # Out of fds, memory or processes, or a request we cannot read: not a reason to
             # fail the other calls. This one fails, on its status pipe (the first fd).
@@ -225,17 +224,7 @@ class _Helper:
                 _write_quietly(fds[0], FAILED.pack(b"f", getattr(exc, "errno", 0) or errno.EIO))
             _close_all(fds)
             return
-        if pid == 0:
-            try:
-                load = _loader(request, payload_fd)
-                _child.run(_unloaded, (), dataclasses.replace(plan, sigmask=sigmask), load)
-            finally:
-                os._exit(_child.EXIT_INTERNAL)
         # From here nothing may fail: the child runs, and its call must hear how it ends.
-        try:
-            os.setpgid(pid, pid)  # as the child does itself: whichever runs first
-        except OSError:
-            pass
         _close_all(fd for fd in (payload_fd, *given.values()) if fd >= 0)
         running = _Running(request.call_id, pid, status, request.kill_descendants)
         self.by_pid[pid] = self.by_call[request.call_id] = running
@@ -276,20 +265,18 @@ class _Helper:
                     os.killpg(info.si_pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
-            _, status, rusage = os.wait4(info.si_pid, 0)
+            waited = _forking.reap(info.si_pid, block=True)  # exited: it does not block
             if running is not None:
                 del self.by_call[running.call_id]
-                _write_quietly(running.status_fd, EXITED.pack(b"x", status, *rusage))
+                if waited is not None:  # always: only the helper reaps its children
+                    _write_quietly(running.status_fd, EXITED.pack(b"x", waited[0], *waited[1]))
                 os.close(running.status_fd)
 
     def shut_down(self) -> NoReturn:
         for running in self.by_pid.values():
             self.kill(running.call_id, signal.SIGKILL, running.kill_descendants)
         for running in self.by_pid.values():
-            try:
-                os.waitpid(running.pid, 0)
-            except ChildProcessError:
-                pass
+            _forking.reap(running.pid, block=True)
             # Closed without EXITED: the parent reads that its helper is gone.
             os.close(running.status_fd)
         os._exit(0)

@@ -36,6 +36,7 @@ from aioisolate import (
     IsolationError,
     IsolationTimeout,
     MemoryLimitExceeded,
+    ProtocolError,
     RemoteError,
     isolated,
 )
@@ -163,8 +164,12 @@ def create_app(*, timeout: float = 2.0, memory_limit: str = "128MiB") -> Starlet
             logger.error("the parser crashed: %s", exc)
             how = exc.signal.name if exc.signal is not None else f"exit code {exc.exitcode}"
             return _error(500, f"the parser crashed on this document ({how})")
+        except ProtocolError as exc:
+            # The child sent garbage, or a result larger than the service accepts: refused.
+            logger.error("the parser's answer was refused: %s", exc)
+            return _error(500, "the parser failed on this document")
         except IsolationError as exc:
-            # Garbage from the child, a result too large to accept, no fork possible.
+            # No fork possible, an unencodable result.
             logger.error("the parse failed: %s", exc)
             return _error(500, "the parser failed on this document")
         return JSONResponse({"fields": fields})

@@ -11,7 +11,7 @@ import pytest
 from helpers import Channel, Gate
 
 import aioisolate
-from aioisolate._platform import ENV_VAR
+from aioisolate._watch import ENV_VAR
 
 # Every backend the library supports; tests marked anyio run on each.
 BACKENDS = [

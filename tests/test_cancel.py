@@ -13,7 +13,9 @@ import psutil
 import pytest
 from helpers import Channel, is_gone, isolated_children, wait_until
 
-from aioisolate import IsolationError, IsolationTimeout, Isolator, _call, isolated
+from aioisolate import IsolationError, IsolationTimeout, Isolator, isolated
+from aioisolate._running import RunningChild
+from aioisolate._spawn import fork as fork_spawn
 
 pytestmark = pytest.mark.both_modes
 
@@ -83,7 +85,7 @@ async def test_timeout_option_raises_isolation_timeout(channel: Channel) -> None
 
 @pytest.mark.anyio
 @pytest.mark.fork_only(
-    reason="patches os.fork or _call._spawn in this process, where a zygote-mode call does not fork"
+    reason="patches os.fork or the fork spawner in this process, where a zygote-mode call does not fork"
 )
 async def test_no_fork_when_cancelled_before_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
     forks = []
@@ -98,7 +100,7 @@ async def test_no_fork_when_cancelled_before_the_call(monkeypatch: pytest.Monkey
 
 @pytest.mark.anyio
 @pytest.mark.fork_only(
-    reason="patches os.fork or _call._spawn in this process, where a zygote-mode call does not fork"
+    reason="patches os.fork or the fork spawner in this process, where a zygote-mode call does not fork"
 )
 async def test_no_fork_when_cancelled_waiting_for_the_limiter(
     monkeypatch: pytest.MonkeyPatch,
@@ -118,20 +120,20 @@ async def test_no_fork_when_cancelled_waiting_for_the_limiter(
 
 @pytest.mark.anyio
 @pytest.mark.fork_only(
-    reason="patches os.fork or _call._spawn in this process, where a zygote-mode call does not fork"
+    reason="patches os.fork or the fork spawner in this process, where a zygote-mode call does not fork"
 )
 async def test_cancel_right_after_fork(monkeypatch: pytest.MonkeyPatch) -> None:
     # Cancelled before the child has even set up its process group: still killed and reaped.
     pids = []
-    real_spawn = _call._spawn
+    real_spawn = fork_spawn._start
 
-    def spawn_then_cancel(*args: object, **kwargs: object) -> _call._Child:
+    def spawn_then_cancel(*args: object, **kwargs: object) -> RunningChild:
         child = real_spawn(*args, **kwargs)  # type: ignore[arg-type]
         pids.append(psutil.Process(child.pid))
         scope.cancel()
         return child
 
-    monkeypatch.setattr(_call, "_spawn", spawn_then_cancel)
+    monkeypatch.setattr(fork_spawn, "_start", spawn_then_cancel)
     with anyio.CancelScope() as scope:
         await isolated(time.sleep, 600)
     assert scope.cancelled_caught
@@ -184,7 +186,7 @@ async def test_task_cancel_kills_the_child(channel: Channel) -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.fork_only(
-    reason="patches os.fork or _call._spawn in this process, where a zygote-mode call does not fork"
+    reason="patches os.fork or the fork spawner in this process, where a zygote-mode call does not fork"
 )
 async def test_task_cancel_in_the_turn_after_fork_kills_the_child(
     monkeypatch: pytest.MonkeyPatch,
@@ -192,15 +194,15 @@ async def test_task_cancel_in_the_turn_after_fork_kills_the_child(
     # task.cancel() goes through the shield of the turn the fork waits out: the child it just
     # made is killed and reaped there, before anything else runs.
     procs: list[psutil.Process] = []
-    real_spawn = _call._spawn
+    real_spawn = fork_spawn._start
 
-    def spawn_then_cancel_task(*args: object, **kwargs: object) -> _call._Child:
+    def spawn_then_cancel_task(*args: object, **kwargs: object) -> RunningChild:
         child = real_spawn(*args, **kwargs)  # type: ignore[arg-type]
         procs.append(psutil.Process(child.pid))
         task.cancel()
         return child
 
-    monkeypatch.setattr(_call, "_spawn", spawn_then_cancel_task)
+    monkeypatch.setattr(fork_spawn, "_start", spawn_then_cancel_task)
     task = asyncio.ensure_future(isolated(time.sleep, 600))
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -217,16 +219,16 @@ async def test_cancel_again_during_cleanup_still_reaps(
 ) -> None:
     # task.cancel() goes through anyio's shields. Cancel again at the worst moment, just as
     # the cleanup sends SIGKILL and before it has reaped the child, several times over.
-    real_kill = _call._Child.kill
+    real_kill = RunningChild.kill
     kills = []
 
-    def kill_and_cancel_again(self: _call._Child) -> None:
+    def kill_and_cancel_again(self: RunningChild) -> None:
         real_kill(self)
         kills.append(1)
         task.cancel()
         asyncio.get_running_loop().call_soon(task.cancel)
 
-    monkeypatch.setattr(_call._Child, "kill", kill_and_cancel_again)
+    monkeypatch.setattr(RunningChild, "kill", kill_and_cancel_again)
     task = asyncio.ensure_future(isolated(report_pids_then_hang, channel))
     procs = await started(channel)
     task.cancel()

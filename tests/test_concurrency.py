@@ -14,7 +14,9 @@ import psutil
 import pytest
 from helpers import Channel, Gate, isolated_children
 
-from aioisolate import ChildCrashed, Isolator, _call, default_limiter, isolated
+from aioisolate import ChildCrashed, Isolator, default_limiter, isolated
+from aioisolate._running import RunningChild
+from aioisolate._spawn import fork as fork_spawn
 
 pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 
@@ -153,9 +155,9 @@ async def test_a_burst_of_forks_is_paced_one_per_turn_of_the_loop(
 ) -> None:
     turns = 0
     seen_at_fork: list[int] = []
-    real_spawn = _call._spawn
+    real_spawn = fork_spawn._start
 
-    def spawn(*args: object, **kwargs: object) -> _call._Child:
+    def spawn(*args: object, **kwargs: object) -> RunningChild:
         seen_at_fork.append(turns)
         return real_spawn(*args, **kwargs)  # type: ignore[arg-type]
 
@@ -165,7 +167,7 @@ async def test_a_burst_of_forks_is_paced_one_per_turn_of_the_loop(
             turns += 1
             await anyio.lowlevel.checkpoint()
 
-    monkeypatch.setattr(_call, "_spawn", spawn)
+    monkeypatch.setattr(fork_spawn, "_start", spawn)
     async with anyio.create_task_group() as ticking:
         ticking.start_soon(count_turns)
         await anyio.lowlevel.checkpoint()

@@ -345,4 +345,4 @@ async def test_what_does_not_pickle_is_a_clear_error(cluster: Cluster) -> None:
 def test_zygote_mode_and_an_engine_are_refused_at_once(cluster: Cluster) -> None:
     engine = DaskEngine(cluster)
     with pytest.raises(ValueError, match="choose one"):
-        Isolator(mode="zygote", engine=engine)
+        Isolator(zygote=True, engine=engine)

@@ -17,6 +17,7 @@ from aioisolate import (
     ChildCrashed,
     IsolationError,
     IsolationTimeout,
+    ProtocolError,
     RemoteError,
     RemoteTraceback,
     _child,
@@ -210,7 +211,7 @@ async def test_garbage_on_the_result_pipe_is_an_isolation_error(
         signal.pause()  # the parent must kill us
 
     monkeypatch.setattr(_child, "_write_all", write_garbage_then_hang)
-    with pytest.raises(IsolationError, match="not a result frame"):
+    with pytest.raises(ProtocolError, match="not a result frame"):
         await isolated(square_of_three)
 
 

@@ -23,7 +23,9 @@ import trio
 import trio.lowlevel
 from helpers import Channel, Gate, is_gone, wait_until
 
-from aioisolate import ThreadedForkWarning, _call, _fds, _platform, isolated
+from aioisolate import ThreadedForkWarning, _fds, _threads, _watch, isolated
+from aioisolate._running import RunningChild
+from aioisolate._spawn import fork as fork_spawn
 
 BACKEND_ARGS = {"asyncio": "asyncio", "uvloop": "uvloop", "trio": "trio"}
 
@@ -210,11 +212,11 @@ async def test_child_does_not_inherit_other_calls_pipes_or_pidfds(
     gate: Gate, channel: Channel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     own_pipe = []
-    real_spawn = _call._spawn
+    real_spawn = fork_spawn._start
 
-    def spawn(*args: object, **kwargs: object) -> _call._Child:
+    def spawn(*args: object, **kwargs: object) -> RunningChild:
         child = real_spawn(*args, **kwargs)  # type: ignore[arg-type]
-        own_pipe.append(fd_identity(child.reader.fd))
+        own_pipe.append(fd_identity(child._reader.fd))
         return child
 
     # epoll fds all read as the same link: the event loop's own are told apart by number.
@@ -225,7 +227,7 @@ async def test_child_does_not_inherit_other_calls_pipes_or_pidfds(
         await channel.receive()
         sibling_fds = {fd_identity(fd) for fd in _fds.library_fds}
         assert sibling_fds  # its read end, at least
-        monkeypatch.setattr(_call, "_spawn", spawn)
+        monkeypatch.setattr(fork_spawn, "_start", spawn)
         seen = await isolated(open_fd_targets)
         gate.open()
     assert not (sibling_fds - {epoll}) & set(seen)
@@ -365,7 +367,7 @@ async def test_a_collection_in_the_child_does_not_copy_the_parents_heap() -> Non
 async def test_a_fork_while_another_thread_runs_warns_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_call, "_warned_threads", False)
+    monkeypatch.setattr(_threads, "_warned", False)
     stop = threading.Event()
     busy = threading.Thread(target=stop.wait, name="busy-worker")
     busy.start()
@@ -389,7 +391,7 @@ async def test_our_own_threads_do_not_count_as_other_threads(
 ) -> None:
     # With the thread watcher, a thread waits for each running child; forks made meanwhile
     # are not forks from a threaded process.
-    monkeypatch.setattr(_call, "_warned_threads", False)
+    monkeypatch.setattr(_threads, "_warned", False)
 
     def wait_at(gate: Gate) -> int:
         channel.send(os.getpid())
@@ -412,4 +414,4 @@ async def test_our_own_threads_do_not_count_as_other_threads(
     # Other threads may run (an idle worker of trio's thread cache, say), and be named: ours
     # never are.
     named = [str(w.message) for w in record if issubclass(w.category, ThreadedForkWarning)]
-    assert not any(_platform.THREAD_PREFIX in message for message in named)
+    assert not any(_watch.THREAD_PREFIX in message for message in named)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -126,3 +127,15 @@ def test_sizes(text: str | int, size: int) -> None:
 @pytest.mark.anyio
 async def test_infinite_timeout_means_none() -> None:
     assert await isolated(pow, 2, 2, timeout=float("inf")) == 4
+
+
+def test_one_table_names_every_option() -> None:
+    from aioisolate._options import _CHECKS, _SANDBOX_OPTIONS, Options
+    from aioisolate._sandbox import Sandbox
+
+    assert set(_CHECKS) == set(aioisolate.CallOptions.__annotations__)
+    fields = {f.name for f in dataclasses.fields(Options)} - {"sandbox"}
+    assert {name for name, check in _CHECKS.items() if check is not None} == fields
+    sandbox_fields = {f.name for f in dataclasses.fields(Sandbox)}
+    # user= and group= become uid and gid; every other sandbox option is its own field.
+    assert {n for n in _SANDBOX_OPTIONS} - {"user", "group"} == sandbox_fields - {"uid", "gid"}

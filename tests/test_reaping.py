@@ -15,7 +15,7 @@ import anyio
 import psutil
 import pytest
 
-from aioisolate import ChildCrashed, IsolationError, _platform, isolated, isolated_with_report
+from aioisolate import ChildCrashed, IsolationError, _watch, isolated, isolated_with_report
 
 pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 
@@ -23,16 +23,14 @@ pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 @pytest.fixture
 def watchers_used(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     used: list[str] = []
-    real_watch = _platform.watch
+    real_watch = _watch.watch
 
-    def watch(
-        pid: int, mechanism: _platform.Mechanism, registry: set[int]
-    ) -> _platform.ChildWatcher:
+    def watch(pid: int, mechanism: _watch.Mechanism, registry: set[int]) -> _watch.ChildWatcher:
         watcher = real_watch(pid, mechanism, registry)
         used.append(type(watcher).__name__)
         return watcher
 
-    monkeypatch.setattr(_platform, "watch", watch)
+    monkeypatch.setattr(_watch, "watch", watch)
     return used
 
 
@@ -46,8 +44,8 @@ async def test_the_forced_watcher_is_used(child_watcher: str, watchers_used: lis
 async def test_thread_watcher_when_pidfds_are_not_allowed(
     monkeypatch: pytest.MonkeyPatch, watchers_used: list[str]
 ) -> None:
-    monkeypatch.delenv(_platform.ENV_VAR)
-    monkeypatch.setattr(_platform, "pidfd_works", lambda: False)
+    monkeypatch.delenv(_watch.ENV_VAR)
+    monkeypatch.setattr(_watch, "pidfd_works", lambda: False)
     assert await isolated(pow, 2, 5) == 32
     assert watchers_used == ["ThreadWatcher"]
 
@@ -56,7 +54,7 @@ async def test_thread_watcher_when_pidfds_are_not_allowed(
 async def test_pidfd_open_failing_after_fork_kills_and_reaps_the_child(
     monkeypatch: pytest.MonkeyPatch, watchers_used: list[str]
 ) -> None:
-    monkeypatch.delenv(_platform.ENV_VAR)
+    monkeypatch.delenv(_watch.ENV_VAR)
     forked = []
     real_fork = os.fork
 
@@ -80,11 +78,11 @@ async def test_pidfd_open_failing_after_fork_kills_and_reaps_the_child(
 async def test_bad_watcher_setting_fails_before_fork(
     monkeypatch: pytest.MonkeyPatch, watchers_used: list[str]
 ) -> None:
-    monkeypatch.setenv(_platform.ENV_VAR, "kqueue")
+    monkeypatch.setenv(_watch.ENV_VAR, "kqueue")
     with pytest.raises(ValueError, match="AIOISOLATE_CHILD_WATCHER='kqueue'"):
         await isolated(pow, 2, 5)
-    monkeypatch.setenv(_platform.ENV_VAR, "pidfd")
-    monkeypatch.setattr(_platform, "pidfd_works", lambda: False)
+    monkeypatch.setenv(_watch.ENV_VAR, "pidfd")
+    monkeypatch.setattr(_watch, "pidfd_works", lambda: False)
     with pytest.raises(RuntimeError, match="does not allow pidfds"):
         await isolated(pow, 2, 5)
     assert watchers_used == []
@@ -92,7 +90,7 @@ async def test_bad_watcher_setting_fails_before_fork(
 
 def test_pidfd_probe_on_this_machine() -> None:
     # Linux 5.3+ is what we test on; the thread watcher is exercised by forcing it.
-    assert _platform.pidfd_works()
+    assert _watch.pidfd_works()
 
 
 @pytest.fixture

@@ -25,12 +25,17 @@ from aioisolate import (
     ChildCrashed,
     IsolationError,
     Isolator,
-    _call,
     _child,
-    _platform,
+    _forking,
+    _linux,
+    _watch,
     isolated,
     run_isolated,
 )
+from aioisolate._running import RunningChild
+from aioisolate._watch.pidfd import PidfdWatcher
+from aioisolate._watch.ready import ReadySet
+from aioisolate._watch.thread import ThreadWatcher
 
 pytestmark = pytest.mark.anyio
 
@@ -44,7 +49,7 @@ async def test_interrupt_delivered_as_signals_are_unblocked_after_fork(
 ) -> None:
     # A Ctrl-C that arrives during fork stays pending until the mask is restored, and is
     # raised right there: the child just forked must be killed and reaped, its pipe closed.
-    real_sigmask = _call._signal.pthread_sigmask
+    real_sigmask = _forking._signal.pthread_sigmask
     forked = []
 
     def sigmask(how: int, mask: object) -> set[int]:
@@ -55,7 +60,7 @@ async def test_interrupt_delivered_as_signals_are_unblocked_after_fork(
         return previous
 
     parent = os.getpid()
-    monkeypatch.setattr(_call._signal, "pthread_sigmask", sigmask)
+    monkeypatch.setattr(_forking._signal, "pthread_sigmask", sigmask)
     with pytest.raises(Interrupt):
         await isolated(time.sleep, 600)
     assert forked == [1]
@@ -98,9 +103,9 @@ async def test_error_while_waiting_comes_out_as_itself(monkeypatch: pytest.Monke
     async def broken_wait(self: object) -> None:
         raise Interrupt
 
-    monkeypatch.setattr(_platform.PidfdWatcher, "wait_exited", broken_wait)
-    monkeypatch.setattr(_platform.ThreadWatcher, "wait_exited", broken_wait)
-    monkeypatch.setattr(_platform.ReadySet, "wait", broken_wait)
+    monkeypatch.setattr(PidfdWatcher, "wait_exited", broken_wait)
+    monkeypatch.setattr(ThreadWatcher, "wait_exited", broken_wait)
+    monkeypatch.setattr(ReadySet, "wait", broken_wait)
     with pytest.raises(Interrupt):
         await isolated(time.sleep, 600)
 
@@ -109,19 +114,19 @@ async def test_interrupt_during_cleanup_still_reaps(
     monkeypatch: pytest.MonkeyPatch, channel: Channel
 ) -> None:
     killed = []
-    real_kill = _call._Child.kill
+    real_kill = RunningChild.kill
 
-    def kill(self: _call._Child) -> None:
+    def kill(self: RunningChild) -> None:
         killed.append(self.pid)
         real_kill(self)
 
-    async def wait(self: _platform.ChildWatcher) -> None:
+    async def wait(self: _watch.ChildWatcher) -> None:
         if killed:
             raise Interrupt  # a second Ctrl-C, which trio delivers through shields
         await real_waits[type(self)](self)
 
-    real_waits = {cls: cls.wait_exited for cls in (_platform.PidfdWatcher, _platform.ThreadWatcher)}
-    monkeypatch.setattr(_call._Child, "kill", kill)
+    real_waits = {cls: cls.wait_exited for cls in (PidfdWatcher, ThreadWatcher)}
+    monkeypatch.setattr(RunningChild, "kill", kill)
     for cls in real_waits:
         monkeypatch.setattr(cls, "wait_exited", wait)
 
@@ -245,9 +250,9 @@ async def test_isolator_close_waits_through_a_second_native_cancel(
 ) -> None:
     main = asyncio.current_task()
     assert main is not None
-    real_kill = _call._Child.kill
+    real_kill = RunningChild.kill
 
-    def kill_and_cancel_main(self: _call._Child) -> None:
+    def kill_and_cancel_main(self: RunningChild) -> None:
         real_kill(self)
         main.cancel()  # arrives while __aexit__ waits for its calls to finish
 
@@ -261,7 +266,7 @@ async def test_isolator_close_waits_through_a_second_native_cancel(
         async with Isolator() as iso:
             runs.append(asyncio.ensure_future(iso.run(announce_then_hang)))
             await channel.receive()
-            monkeypatch.setattr(_call._Child, "kill", kill_and_cancel_main)
+            monkeypatch.setattr(RunningChild, "kill", kill_and_cancel_main)
             main.cancel()
             await asyncio.sleep(600)
 
@@ -275,10 +280,10 @@ async def test_isolator_close_waits_through_a_second_native_cancel(
 async def test_interrupt_during_kill_grace_still_kills_and_reaps(
     monkeypatch: pytest.MonkeyPatch, channel: Channel
 ) -> None:
-    real_wait = _call._Child._wait_exited
+    real_wait = RunningChild._wait_exited
     graced = []
 
-    async def wait(self: _call._Child) -> None:
+    async def wait(self: RunningChild) -> None:
         if not graced:
             graced.append(1)
             raise Interrupt  # a Ctrl-C while waiting out the grace
@@ -289,7 +294,7 @@ async def test_interrupt_during_kill_grace_still_kills_and_reaps(
         channel.send("started")
         time.sleep(600)
 
-    monkeypatch.setattr(_call._Child, "_wait_exited", wait)
+    monkeypatch.setattr(RunningChild, "_wait_exited", wait)
     async with anyio.create_task_group() as tg:
 
         async def call() -> None:
@@ -352,7 +357,7 @@ def test_a_child_running_a_copy_of_the_parents_loop_leaves_the_parents_epoll_alo
         server = loop.create_task(serve())  # its first step (registering the listener) is to come
 
         def ask_in_the_child() -> bytes:
-            _platform.unshare_epolls()
+            _linux.unshare_epolls()
 
             async def ask() -> bytes:
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)

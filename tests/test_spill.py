@@ -10,7 +10,15 @@ from typing import Any
 import numpy
 import pytest
 
-from aioisolate import IsolationError, _platform, _protocol, _spill, isolated, isolated_with_report
+from aioisolate import (
+    IsolationError,
+    ProtocolError,
+    _linux,
+    _protocol,
+    _spill,
+    isolated,
+    isolated_with_report,
+)
 from aioisolate._codec import PICKLE
 
 pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
@@ -106,7 +114,7 @@ async def test_without_memfds_everything_takes_the_pipe(
 
 
 async def test_a_spill_over_max_result_size_is_refused() -> None:
-    with pytest.raises(IsolationError, match=r"spilled 41943\d\d bytes.*max_result_size=1048576"):
+    with pytest.raises(ProtocolError, match=r"spilled 41943\d\d bytes.*max_result_size=1048576"):
         await isolated(big_bytes, max_result_size="1MiB")
 
 
@@ -118,7 +126,7 @@ def two_halves() -> list[object]:
 async def test_max_result_size_counts_the_pickle_and_the_buffers_together(
     spills: list[int],
 ) -> None:
-    with pytest.raises(IsolationError, match="max_result_size=1048576") as info:
+    with pytest.raises(ProtocolError, match="max_result_size=1048576") as info:
         await isolated(two_halves, max_result_size="1MiB")
     assert info.value.report is not None
     assert spills == []  # refused from the table: the child wrote nothing to the file
@@ -136,7 +144,7 @@ def unsealed() -> bytes:
 
 
 async def test_an_unsealed_spill_file_is_not_read() -> None:
-    with pytest.raises(IsolationError, match="unsealed"):
+    with pytest.raises(ProtocolError, match="unsealed"):
         await isolated(unsealed)
 
 
@@ -152,14 +160,14 @@ def lying_table() -> bytes:
 
 
 async def test_a_table_pointing_past_the_file_is_refused() -> None:
-    with pytest.raises(IsolationError, match="points beyond the end of the file"):
+    with pytest.raises(ProtocolError, match="points beyond the end of the file"):
         await isolated(lying_table)
 
 
 async def test_a_spill_file_that_cannot_be_made_falls_back_to_the_pipe(
     spills: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_platform, "spill_file", lambda registry: None)
+    monkeypatch.setattr(_linux, "spill_file", lambda registry: None)
     assert await isolated(big_bytes) == big_bytes()
     assert spills == []
 

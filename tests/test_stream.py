@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -10,9 +11,16 @@ import anyio
 import anyio.lowlevel
 import psutil
 import pytest
-from helpers import SharedCounter
+from helpers import Gate, SharedCounter, is_gone
 
-from aioisolate import ChildCrashed, IsolationTimeout, isolated_iter
+from aioisolate import (
+    ChildCrashed,
+    IsolationError,
+    IsolationTimeout,
+    Isolator,
+    ItemStream,
+    isolated_iter,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.both_modes]
 
@@ -252,3 +260,126 @@ async def test_a_slow_consumer_does_not_time_out_a_finished_child() -> None:
     assert received == [0, 1, 2]
     assert items.report is not None
     assert items.report.exitcode == 0
+
+
+# An Isolator's streams: its options, and its scope.
+
+
+def shout(n: int) -> Iterator[int]:
+    for i in range(n):
+        print("item", i)
+        yield i
+
+
+async def test_an_isolators_stream_takes_its_options() -> None:
+    async with Isolator(stdout="capture") as iso:
+        items = iso.iter(shout, 2)
+        assert [item async for item in items] == [0, 1]
+    assert items.report is not None
+    assert items.report.stdout == b"item 0\nitem 1\n"
+
+
+async def test_closing_the_isolator_ends_a_stream_between_items(counter: SharedCounter) -> None:
+    async with Isolator() as iso:
+        items = iso.iter(forever, counter)
+        child = psutil.Process(await anext(items))  # type: ignore[arg-type]
+    # The block is left while nobody waits for an item: the stream is closed there.
+    assert is_gone(child)
+    with pytest.raises(IsolationError, match="closed while this stream was open") as info:
+        await anext(items)
+    assert info.value.report is not None
+    assert info.value.report.signal is not None
+
+
+def pid_then_wait(gate: Gate) -> Iterator[int]:
+    yield os.getpid()
+    gate.wait()  # never opened: the next item never comes
+    yield 0
+
+
+async def test_closing_the_isolator_ends_a_stream_waiting_for_an_item(gate: Gate) -> None:
+    failures: list[BaseException] = []
+
+    async def consume(items: ItemStream[int]) -> None:
+        try:
+            await anext(items)  # waits here until the isolator closes
+        except IsolationError as exc:
+            failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        async with Isolator() as iso:
+            items = iso.iter(pid_then_wait, gate)
+            child = psutil.Process(await anext(items))
+            tg.start_soon(consume, items)
+            await anyio.wait_all_tasks_blocked()  # the consumer waits for the second item
+    (failure,) = failures
+    assert "closed while this stream was open; its child was killed" in str(failure)
+    assert is_gone(child)
+
+
+async def test_an_isolators_stream_needs_it_open() -> None:
+    iso = Isolator()
+    with pytest.raises(RuntimeError, match="inside 'async with Isolator"):
+        iso.iter(count, 1)
+    async with iso:
+        assert [item async for item in iso.iter(count, 3)] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="closed"):
+        iso.iter(count, 1)
+
+
+def term_ignored_then_wait(gate: Gate) -> Iterator[int]:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    yield os.getpid()
+    gate.wait()
+    yield 0
+
+
+async def test_closing_the_isolator_while_a_stream_closes_waits_for_it(gate: Gate) -> None:
+    async with anyio.create_task_group() as tg:
+        async with Isolator(kill_grace=0.5) as iso:
+            items = iso.iter(term_ignored_then_wait, gate)
+            child = psutil.Process(await anext(items))
+            tg.start_soon(items.aclose)  # SIGTERM, then a grace the child outlives
+            await anyio.wait_all_tasks_blocked()
+        # The isolator waited for that close (no "already running" error), and reaped.
+        assert is_gone(child)
+    assert items.report is not None
+    assert items.report.signal is not None
+
+
+async def test_a_stream_never_started_ends_with_its_isolator() -> None:
+    async with Isolator() as iso:
+        items = iso.iter(count, 3)
+    with pytest.raises(IsolationError, match="closed while this stream was open"):
+        await anext(items)
+    assert items.report is None  # no child was ever started
+
+
+# trio warns, rightly, that a stream left without `async with` is closed only by its async
+# generator finalizer; that finalizer still closes it, which is what this test checks.
+@pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_an_abandoned_isolator_stream_gives_its_token_back(counter: SharedCounter) -> None:
+    async with Isolator(limiter=anyio.CapacityLimiter(1)) as iso:
+        items = iso.iter(forever, counter)
+        child = psutil.Process(await anext(items))  # type: ignore[arg-type]
+        del items  # left without closing: the isolator holds no reference that keeps it open
+        gc.collect()
+        with anyio.fail_after(30):
+            assert await iso.run(abs, -3) == 3  # the token came back once it was finalized
+        assert is_gone(child)
+
+
+def count_outside_a_loop() -> list[int]:
+    stream = isolated_iter(count, 3)  # made before any event loop runs
+
+    async def consume() -> list[int]:
+        return [item async for item in stream]
+
+    return anyio.run(consume)
+
+
+def test_a_stream_can_be_made_before_the_loop_runs() -> None:
+    assert count_outside_a_loop() == [0, 1, 2]

@@ -18,7 +18,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aioisolate import IsolationError, RemoteError, _child, _protocol, isolated, isolated_iter
+from aioisolate import (
+    IsolationError,
+    ProtocolError,
+    RemoteError,
+    _child,
+    _protocol,
+    isolated,
+    isolated_iter,
+)
 from aioisolate._codec import SAFE
 
 pytestmark = pytest.mark.anyio
@@ -92,7 +100,7 @@ async def test_a_smuggled_reduce_payload_runs_nothing(tmp_path: Path) -> None:
     def hostile() -> None:
         send_raw(_protocol.RESULT, pickle.dumps(WritesAFile(str(target))))
 
-    with pytest.raises(IsolationError, match="malformed data"):
+    with pytest.raises(ProtocolError, match="malformed data"):
         await isolated(hostile, codec="safe")
     assert not target.exists()
 
@@ -105,7 +113,7 @@ async def test_a_smuggled_error_description_runs_nothing(tmp_path: Path) -> None
         send_raw(_protocol.ERROR, pickle.dumps(WritesAFile(str(target))))
 
     for codec in ("safe", "pickle"):
-        with pytest.raises(IsolationError, match="malformed error description"):
+        with pytest.raises(ProtocolError, match="malformed error description"):
             await isolated(hostile, codec=codec)  # type: ignore[arg-type]
     assert not target.exists()
 
@@ -141,14 +149,14 @@ async def test_bad_codec_fails_before_fork() -> None:
 
 
 async def test_max_result_size_kills_a_child_with_a_big_result() -> None:
-    with pytest.raises(IsolationError, match="max_result_size=1048576") as info:
+    with pytest.raises(ProtocolError, match="max_result_size=1048576") as info:
         await isolated(bytes, 10 << 20, max_result_size="1MiB")
     assert info.value.report is not None
     assert info.value.report.result_bytes < 1 << 20  # the header was enough to refuse it
 
 
 async def test_safe_mode_has_a_bounded_default() -> None:
-    with pytest.raises(IsolationError, match="max_result_size=268435456"):
+    with pytest.raises(ProtocolError, match="max_result_size=268435456"):
         await isolated(bytes, 300 << 20, codec="safe")
 
 
@@ -160,9 +168,9 @@ async def test_a_frame_claiming_a_terabyte() -> None:
 
         _child._write_all = write  # type: ignore[assignment]
 
-    with pytest.raises(IsolationError, match="1099511627776 bytes"):
+    with pytest.raises(ProtocolError, match="1099511627776 bytes"):
         await isolated(claim, max_result_size="1GiB")
-    with pytest.raises(IsolationError, match="1099511627776 bytes"):
+    with pytest.raises(ProtocolError, match="1099511627776 bytes"):
         await isolated(claim)  # no limit set: the allocation fails, and is reported as such
 
 
@@ -177,7 +185,7 @@ async def test_a_child_that_keeps_writing_after_its_result() -> None:
 
         _child._write_all = write  # type: ignore[assignment]
 
-    with pytest.raises(IsolationError, match="wrote more after its result"):
+    with pytest.raises(ProtocolError, match="wrote more after its result"):
         await isolated(chatter)
 
 
@@ -307,7 +315,7 @@ def test_lengths_are_checked_against_the_bytes_there() -> None:
         b"b" + struct.pack(">Q", 1 << 40) + b"xx",
         b"s" + struct.pack(">Q", 5) + b"ab",
     ):
-        with pytest.raises(IsolationError, match="malformed"):
+        with pytest.raises(ProtocolError, match="malformed"):
             SAFE.loads(payload)
 
 
@@ -339,7 +347,7 @@ async def test_a_second_stats_frame_is_refused() -> None:
 
         _child._write_all = write  # type: ignore[assignment]
 
-    with anyio.fail_after(10), pytest.raises(IsolationError, match="second STATS"):
+    with anyio.fail_after(10), pytest.raises(ProtocolError, match="second STATS"):
         await isolated(flood)
 
 

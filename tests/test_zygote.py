@@ -7,17 +7,19 @@ mode too (the "zygote" variant, see conftest.py).
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
@@ -35,9 +37,12 @@ from aioisolate import (
     ZygoteDied,
     isolated,
     isolated_iter,
+    isolated_map,
     isolated_with_report,
+    run_isolated,
 )
-from aioisolate import _zygote as zygote_module
+from aioisolate._spawn import zygote as zygote_spawn
+from aioisolate._zygote import close_shared
 
 pytestmark = pytest.mark.anyio
 
@@ -60,7 +65,7 @@ async def test_children_are_forked_by_the_helper(zygote: Zygote) -> None:
 
 
 async def test_isolator_in_zygote_mode_owns_its_helper() -> None:
-    async with Isolator(mode="zygote") as iso:
+    async with Isolator(zygote=True) as iso:
         assert iso.zygote is not None
         helper = psutil.Process(iso.zygote.pid)
         assert await iso.run(os.getppid) == helper.pid
@@ -260,7 +265,7 @@ async def test_a_large_argument_is_written_a_slice_at_a_time(
             await anyio.lowlevel.checkpoint()
             ticks += 1
 
-    monkeypatch.setattr(zygote_module, "_SLICE", 1 << 20)
+    monkeypatch.setattr(zygote_spawn, "_SLICE", 1 << 20)
     data = bytes(64 << 20)
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
@@ -309,8 +314,10 @@ async def test_bad_uses_are_clear_errors(zygote: Zygote) -> None:
         Isolator(mode="spawn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="leave out zygote="):
         Isolator(mode="zygote", zygote=zygote)
-    with pytest.raises(ValueError, match="preload= is for mode='zygote'"):
+    with pytest.raises(ValueError, match="preload= is for zygote=True"):
         Isolator(preload=["json"])
+    with pytest.raises(ValueError, match="preload= is for zygote=True"):
+        Isolator(preload=["json"], zygote=zygote)
     closed = Zygote()
     async with closed:
         pass
@@ -468,7 +475,7 @@ async def test_an_interrupt_right_after_the_request_is_sent_kills_the_child(
             sent.append(fd)
             raise Interrupt
 
-    monkeypatch.setattr(zygote_module.os, "set_blocking", interrupted)
+    monkeypatch.setattr(os, "set_blocking", interrupted)
     with pytest.raises(Interrupt):
         await isolated(time.sleep, 600, zygote=zygote)
     monkeypatch.undo()
@@ -477,3 +484,129 @@ async def test_an_interrupt_right_after_the_request_is_sent_kills_the_child(
     assert await isolated(abs, -1, zygote=zygote) == 1
     # That child was killed at once, and reaped, not left to sleep.
     assert wait_until(lambda: helper.children() == [])
+
+
+# One spelling for zygote mode: zygote= a Zygote, or True for the scope's own.
+
+
+@pytest.fixture
+async def shared_zygote() -> AsyncIterator[None]:
+    """Calls with zygote=True outside an Isolator start this process's shared helper: end it
+    after the test, as the process's exit would."""
+    try:
+        yield
+    finally:
+        await close_shared()
+
+
+async def test_zygote_true_outside_an_isolator_shares_one_helper(shared_zygote: None) -> None:
+    first = await isolated(os.getppid, zygote=True)
+    assert first != os.getpid()
+    helper = psutil.Process(first)
+    assert helper.ppid() == os.getpid()
+    assert await isolated(os.getppid, zygote=True) == first
+    assert [item async for item in isolated_iter(parent_pids, 2, zygote=True)] == [first] * 2
+    async with isolated_map(os_getppid_of, range(3), zygote=True) as results:
+        assert [pid async for pid in results] == [first] * 3
+    await close_shared()
+    assert is_gone(helper)
+    # The next call starts another.
+    again = await isolated(os.getppid, zygote=True)
+    assert again not in (first, os.getpid())
+
+
+def parent_pids(n: int) -> Iterator[int]:
+    for _ in range(n):
+        yield os.getppid()
+
+
+def os_getppid_of(_: int) -> int:
+    return os.getppid()
+
+
+async def test_zygote_true_in_an_isolator_is_its_own(shared_zygote: None) -> None:
+    async with Isolator(zygote=True) as iso:
+        assert iso.zygote is not None
+        own = iso.zygote.pid
+        assert await iso.run(os.getppid) == own
+        assert await iso.run(os.getppid, zygote=True) == own
+    async with Isolator() as iso:  # a fork-mode isolator: True is the process's shared helper
+        assert iso.zygote is None
+        shared = await iso.run(os.getppid, zygote=True)
+        assert shared not in (own, os.getpid())
+        assert await iso.run(os.getppid) == os.getpid()
+
+
+async def test_zygote_false_is_fork_mode(zygote: Zygote) -> None:
+    assert await isolated(os.getppid, zygote=False) == os.getpid()
+    async with Isolator(zygote=zygote) as iso:
+        assert await iso.run(os.getppid, zygote=False) == os.getpid()
+
+
+async def test_mode_zygote_is_deprecated_and_still_works() -> None:
+    with pytest.warns(DeprecationWarning, match=r"Isolator\(zygote=True\)"):
+        iso = Isolator(mode="zygote")
+    async with iso:
+        assert iso.zygote is not None
+        assert await iso.run(os.getppid) == iso.zygote.pid
+    with pytest.warns(DeprecationWarning, match="fork mode"):
+        Isolator(mode="fork")
+
+
+async def test_a_shared_helper_that_cannot_start_is_tried_again(
+    shared_zygote: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = socket.socketpair
+
+    def out_of_fds(*args: object) -> object:
+        monkeypatch.setattr(socket, "socketpair", real)  # once
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(socket, "socketpair", out_of_fds)
+    with pytest.raises(IsolationError, match="could not start a child process"):
+        await isolated(abs, -1, zygote=True)
+    assert await isolated(abs, -2, zygote=True) == 2
+
+
+def fds_survive_a_nested_shared_call(count: int) -> bool:
+    """In a fork-mode child of a parent with a shared zygote: open fds (taking the numbers the
+    inherited zygote's sockets had), start the child's own shared zygote, and see that none
+    of ours was closed by the inherited one going away."""
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(count)]
+    try:
+        assert run_isolated(os.getppid, zygote=True) != os.getpid()
+        anyio.run(close_shared)
+        return all(os.fstat(fd) is not None for fd in fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("child_watcher", ["pidfd"], indirect=True)
+async def test_a_forked_child_leaves_its_parents_shared_helper_alone(shared_zygote: None) -> None:
+    helper = await isolated(os.getppid, zygote=True)
+    assert await isolated(fds_survive_a_nested_shared_call, 32) is True
+    # The parent's shared helper serves on.
+    assert await isolated(os.getppid, zygote=True) == helper
+
+
+async def test_a_helper_that_cannot_be_replaced_is_retired_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with Zygote() as zygote:
+        assert await isolated(abs, -1, zygote=zygote) == 1
+        first = psutil.Process(zygote.pid)
+        first.kill()
+        assert wait_until(lambda: is_gone(first))  # dead, and left for the zygote to reap
+        real = zygote._start_helper
+
+        def fails_once() -> object:
+            monkeypatch.setattr(zygote, "_start_helper", real)
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+        monkeypatch.setattr(zygote, "_start_helper", fails_once)
+        with pytest.raises(IsolationError, match="could not start a child process"):
+            await isolated(abs, -2, zygote=zygote)
+        assert zygote.pid is None
+        assert await isolated(abs, -3, zygote=zygote) == 3
+        assert zygote.pid not in (None, first.pid)

@@ -22,10 +22,10 @@ import cloudpickle
 from distributed import get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from . import _api
-from ._errors import IsolationError, RemoteTraceback
-from ._options import Options
-from ._zygote import Zygote
+from .. import _api
+from .._errors import IsolationError, RemoteTraceback
+from .._options import Options
+from .._zygote import Zygote
 
 PLUGIN_NAME = "aioisolate"
 # Keys cancelled before their call began (the task had started, the call not yet): remembered
@@ -128,7 +128,7 @@ async def run_call(payload: bytes, options: Options, key: str, plugin: str) -> t
         found.running[key] = scope
         try:
             # No limiter: the worker runs as many tasks as it has threads.
-            value, report = await _api._run(func, args, options, limit=False)
+            value, report = await _api.run(func, args, options, limit=False)
         except Exception as exc:
             cause = exc.__cause__
             text = cause.args[0] if isinstance(cause, RemoteTraceback) else None

@@ -1,8 +1,8 @@
 """`DaskEngine`: the same isolated calls, each forked on a worker of a Dask cluster.
 
 The caller's side. A call is a Dask task (a unique key, never merged with another) whose
-function, `_dask_worker.run_call`, makes an ordinary isolated call on the worker; what came of
-it (value, error, report) travels back as the task's result. Cancelling the caller cancels the
+function, `dask_worker.run_call`, makes an ordinary isolated call on the worker; what came of
+it (value, error, report) travels back as the task's result (see `dask_worker`). Cancelling the caller cancels the
 task, and the worker's plugin kills the child. A worker that leaves the cluster while it runs
 a call fails that call with `WorkerLost`, from the scheduler's own "remove-worker" event.
 
@@ -17,15 +17,14 @@ import dataclasses
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import cloudpickle
 
-from ._errors import IsolationError, RemoteTraceback, WorkerLost
-from ._options import Options
-from ._report import CallReport
+from .._errors import IsolationError, RemoteTraceback, WorkerLost
+from .._options import Options
+from .._report import CallReport
 
 if TYPE_CHECKING:
     from typing import Self
@@ -105,12 +104,7 @@ class DaskEngine:
         self._state = "open"
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self._state = "closed"
         # To the end, even under a cancelled scope: the remote calls are cancelled, the client
         # closed, and the thread and loop (if any) stopped.
@@ -120,7 +114,7 @@ class DaskEngine:
             finally:
                 await self._stop_thread()
 
-    async def run_call(
+    async def _run_call(
         self,
         func: Callable[..., Any],
         args: tuple[Any, ...],
@@ -153,7 +147,7 @@ class DaskEngine:
     async def _open(self) -> None:
         import distributed
 
-        from ._dask_worker import IsolationPlugin, check, plugin_name
+        from .dask_worker import IsolationPlugin, check, plugin_name
 
         connect: Any = distributed.Client
         self._client = await connect(self._address, asynchronous=True)
@@ -184,7 +178,7 @@ class DaskEngine:
     ) -> tuple[Any, ...]:
         from distributed.client import FutureCancelledError
 
-        from ._dask_worker import plugin_name, run_call
+        from .dask_worker import plugin_name, run_call
 
         # Pickled here, in a thread (a large argument would hold up the loop), and sent as one
         # opaque value: Dask would otherwise walk every nested argument on the loop, and put
@@ -327,8 +321,11 @@ def _waker() -> Callable[[Callable[[], object]], object]:
 
 
 async def _to_the_end(awaitable: Awaitable[T]) -> T | None:
-    """Await to the end, whatever cancels this task meanwhile (asyncio's task.cancel() goes
-    through anyio's shields); then pass the cancellation on."""
+    """Await to the end, whatever cancels this task meanwhile; then pass the cancellation on.
+
+    asyncio's own form of `_shield.to_the_end`: it runs on the client's loop, which for a trio
+    caller is a plain asyncio loop in a thread, where anyio would take the caller's context
+    (copied with each call) for trio's."""
     task = asyncio.ensure_future(awaitable)
     cancelled: BaseException | None = None
     while not task.done():
