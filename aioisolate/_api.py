@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 import anyio
 import anyio.lowlevel
 
+from . import _threads
 from ._call import run_call
 from ._map import MapProgress, MapResults
 from ._options import DEFAULTS, CallOptions, Options
@@ -114,7 +115,7 @@ async def isolated(
         IsolationError: the result could not be pickled, or the child could not be started.
         TypeError, ValueError: an option is invalid (raised before anything is started).
     """
-    value, _ = await run(func, args, DEFAULTS.merge(options))
+    value, _ = await run(func, args, DEFAULTS.merge(options), site=_threads.caller())
     return value
 
 
@@ -144,7 +145,7 @@ async def isolated_with_report(
     A call that fails raises as `isolated` does; the report is then on the error, as
     ``error.report``, for every `IsolationError`.
     """
-    return await run(func, args, DEFAULTS.merge(options))
+    return await run(func, args, DEFAULTS.merge(options), site=_threads.caller())
 
 
 @overload
@@ -173,7 +174,7 @@ def isolated_iter(
     Takes the options of `isolated`; ``timeout`` bounds the child's whole run, however slowly
     the items are consumed. Nothing starts until the first item is asked for.
     """
-    return open_stream(func, args, DEFAULTS.merge(options))
+    return open_stream(func, args, DEFAULTS.merge(options), site=_threads.caller())
 
 
 @overload
@@ -255,6 +256,7 @@ def isolated_map(
         ordered=ordered,
         return_exceptions=return_exceptions,
         on_progress=on_progress,
+        site=_threads.caller(),
     )
 
 
@@ -265,15 +267,16 @@ async def run(
     *,
     limit: bool = True,
     reports: list[CallReport] | None = None,
+    site: _threads.Site | None = None,
 ) -> tuple[Any, CallReport]:
     """One call with checked options: its value and report, or raise. With ``limit=False``
-    the caller holds a token already (a fan-out)."""
+    the caller holds a token already (a fan-out). ``site`` is where the user called."""
     _check_callable(func)
     limiter = limiter_for(options) if limit else None
     if limiter is None:
-        return await _dispatch(func, args, options, reports)
+        return await _dispatch(func, args, options, reports, site)
     async with limiter:
-        return await _dispatch(func, args, options, reports)
+        return await _dispatch(func, args, options, reports, site)
 
 
 async def _dispatch(
@@ -281,10 +284,11 @@ async def _dispatch(
     args: tuple[Any, ...],
     options: Options,
     reports: list[CallReport] | None,
+    site: _threads.Site | None,
 ) -> tuple[Any, CallReport]:
     if options.engine is not None:
         return await options.engine._run_call(func, args, options, reports)
-    return await run_call(func, args, options, reports)
+    return await run_call(func, args, options, reports, site)
 
 
 def open_stream(
@@ -292,6 +296,7 @@ def open_stream(
     args: tuple[Any, ...],
     options: Options,
     owner: Owner | None = None,
+    site: _threads.Site | None = None,
 ) -> ItemStream[Any]:
     """A stream with checked options; nothing starts until its first item is asked for."""
     _check_callable(func)
@@ -299,7 +304,8 @@ def open_stream(
         raise TypeError("isolated_iter runs its generator here: an engine= takes whole calls only")
     # The limiter is chosen as the stream starts, on its loop (an engine was refused above:
     # limiter_for always names one here).
-    return ItemStream(func, args, options, lambda: limiter_for(options) or default_limiter(), owner)
+    choose = lambda: limiter_for(options) or default_limiter()  # noqa: E731
+    return ItemStream(func, args, options, choose, owner, site)
 
 
 def fan_out(
@@ -311,6 +317,7 @@ def fan_out(
     return_exceptions: bool,
     on_progress: Callable[[MapProgress], object] | None,
     run_one: Callable[..., Awaitable[tuple[Any, CallReport]]] = run,
+    site: _threads.Site | None = None,
 ) -> MapResults[Any]:
     """A fan-out with checked options (checked once for all its calls: resolving a user name,
     say, is a lookup in the user database). ``run_one`` runs each call without the limiter,
@@ -318,7 +325,7 @@ def fan_out(
     _check_callable(func)
 
     async def call(item: Any) -> Any:
-        value, _ = await run_one(func, (item,), options, limit=False)
+        value, _ = await run_one(func, (item,), options, limit=False, site=site)
         return value
 
     # Without a limiter, only the fan-out's window bounds an engine's calls.

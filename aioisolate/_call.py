@@ -29,6 +29,7 @@ from ._options import Options
 from ._report import CallReport
 from ._running import RunningChild
 from ._spawn import spawner_for
+from ._threads import Site
 
 if TYPE_CHECKING:
     from typing import Self
@@ -51,8 +52,10 @@ class Call:
         *,
         stream: bool = False,
         reports: list[CallReport] | None = None,
+        site: Site | None = None,
     ) -> None:
         self._func = func
+        self._site = site
         self._args = args
         self._options = options
         self._stream = stream
@@ -65,7 +68,7 @@ class Call:
     async def __aenter__(self) -> Self:
         spawner = spawner_for(self._options)
         self._child = await spawner.spawn(
-            self._func, self._args, self._options, stream=self._stream
+            self._func, self._args, self._options, stream=self._stream, site=self._site
         )
         # On the event loop's clock (trio's is not time.monotonic()), counted from the start.
         if self._options.timeout is not None:
@@ -136,9 +139,10 @@ async def run_call(
     args: tuple[Any, ...],
     options: Options,
     reports: list[CallReport] | None = None,
+    site: Site | None = None,
 ) -> tuple[Any, CallReport]:
     """Run ``func(*args)`` in a child; return its value and report, or raise."""
-    call = Call(func, args, options, reports=reports)
+    call = Call(func, args, options, reports=reports, site=site)
     async with call:
         await call.wait()
     assert call.report is not None

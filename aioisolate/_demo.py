@@ -162,12 +162,14 @@ async def _fan_out(roots: int, progress: bool, quick: bool) -> Row:
 def _rich_progress(description: str, total: int) -> Callable[[MapProgress], None]:
     from rich.progress import Progress
 
-    bar = Progress(transient=True)
+    # Redrawn on the fan-out's updates, not by rich's refresh thread: a fork while that thread
+    # holds the console's lock could leave a child hanging on it.
+    bar = Progress(transient=True, auto_refresh=False)
     task = bar.add_task(description, total=total)
     bar.start()
 
     def update(progress: MapProgress) -> None:
-        bar.update(task, completed=progress.done + progress.failed)
+        bar.update(task, completed=progress.done + progress.failed, refresh=True)
         if progress.finished:
             bar.stop()
 

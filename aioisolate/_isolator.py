@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import anyio
 
-from . import _api
+from . import _api, _threads
 from ._errors import IsolationError
 from ._map import MapProgress, MapResults
 from ._options import DEFAULTS, CallOptions, Options
@@ -159,7 +159,7 @@ class Isolator:
         **options: Unpack[CallOptions],
     ) -> Any:
         """Like `isolated`, with this isolator's options as defaults."""
-        value, _ = await self._run(func, args, self._merge(options))
+        value, _ = await self._run(func, args, self._merge(options), site=_threads.caller())
         return value
 
     @overload
@@ -185,7 +185,7 @@ class Isolator:
         **options: Unpack[CallOptions],
     ) -> tuple[Any, CallReport]:
         """Like `isolated_with_report`, with this isolator's options as defaults."""
-        return await self._run(func, args, self._merge(options))
+        return await self._run(func, args, self._merge(options), site=_threads.caller())
 
     @overload
     def iter(
@@ -215,7 +215,8 @@ class Isolator:
         `IsolationError`.
         """
         self._check_open()
-        stream = _api.open_stream(func, args, self._merge(options), owner=self)
+        site = _threads.caller()
+        stream = _api.open_stream(func, args, self._merge(options), owner=self, site=site)
         self._streams.add(stream)
         return stream
 
@@ -289,6 +290,7 @@ class Isolator:
             return_exceptions=return_exceptions,
             on_progress=on_progress,
             run_one=self._run,
+            site=_threads.caller(),
         )
 
     def _merge(self, options: CallOptions) -> Options:
@@ -312,12 +314,13 @@ class Isolator:
         options: Options,
         *,
         limit: bool = True,
+        site: _threads.Site | None = None,
     ) -> tuple[Any, CallReport]:
         self._check_open()
         reports: list[CallReport] = []
         with self._track() as scope:
             try:
-                return await _api.run(func, args, options, limit=limit, reports=reports)
+                return await _api.run(func, args, options, limit=limit, reports=reports, site=site)
             finally:
                 self._untrack(scope)
         closed = IsolationError(

@@ -14,6 +14,10 @@ class tqdm_progress:  # noqa: N801  (used like a function: on_progress=tqdm_prog
     ``tqdm.tqdm``. The bar counts finished calls (done and failed) and shows how many failed
     and how many are running; it closes itself when the fan-out ends. Needs the ``progress``
     extra: ``pip install aioisolate[progress]``.
+
+    The bar is drawn on the fan-out's own updates, without tqdm's monitor thread: a thread
+    that takes tqdm's locks now and then would make every fork-mode call a fork from a
+    threaded process (see `ThreadedForkWarning`).
     """
 
     def __init__(self, **tqdm_options: Any) -> None:
@@ -23,7 +27,11 @@ class tqdm_progress:  # noqa: N801  (used like a function: on_progress=tqdm_prog
             raise ImportError(
                 "tqdm_progress needs tqdm: pip install 'aioisolate[progress]'"
             ) from exc
-        self.bar = tqdm(**{"unit": "call", **tqdm_options})
+
+        class Bar(tqdm):  # type: ignore[misc]
+            monitor_interval = 0  # this class's bars start no monitor thread
+
+        self.bar = Bar(**{"unit": "call", **tqdm_options})
 
     def __call__(self, progress: MapProgress) -> None:
         if progress.total is not None and self.bar.total != progress.total:

@@ -12,6 +12,7 @@ from ._call import Call
 from ._errors import IsolationError
 from ._options import Options
 from ._report import CallReport
+from ._threads import Site
 
 if TYPE_CHECKING:
     from typing import Self
@@ -60,11 +61,14 @@ class ItemStream(AsyncIterator[T], Generic[T]):
         options: Options,
         limiter: Callable[[], anyio.CapacityLimiter],
         owner: Owner | None = None,
+        site: Site | None = None,
     ) -> None:
         # The generator gets a holder for the report, not this object: a reference back would
         # make a cycle, and a stream dropped in a cycle is closed only by a full GC pass.
         self._reports: list[CallReport] = []
-        self._items: AsyncGenerator[T, None] = _items(func, args, options, limiter, self._reports)
+        self._items: AsyncGenerator[T, None] = _items(
+            func, args, options, limiter, self._reports, site
+        )
         self._owner = owner
         self._busy = False  # waiting for an item, or closing: in a scope the owner tracks
         self._finished = False  # the generator ended (or was closed)
@@ -143,6 +147,7 @@ async def _items(
     options: Options,
     choose_limiter: Callable[[], anyio.CapacityLimiter],
     reports: list[CallReport],
+    site: Site | None,
 ) -> AsyncGenerator[Any, None]:
     # Chosen here, not when the stream is made: the default limiter is the running loop's.
     limiter = choose_limiter()
@@ -151,7 +156,7 @@ async def _items(
     borrower = object()
     await limiter.acquire_on_behalf_of(borrower)
     try:
-        call = Call(func, args, options, stream=True, reports=reports)
+        call = Call(func, args, options, stream=True, reports=reports, site=site)
         async with call:
             async for item in call:
                 yield item

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import anyio
 
-from ._api import isolated
-from ._options import DEFAULTS, CallOptions
+from . import _threads
+from ._api import run
+from ._options import DEFAULTS, CallOptions, Options
 
 if TYPE_CHECKING:
     from typing import TypeVarTuple, Unpack
@@ -49,13 +50,20 @@ def run_isolated(
     refuses to run where one is already running (it would block that loop): there, use
     ``await isolated(...)``, or ``anyio.to_thread.run_sync(run_isolated, ...)``.
     """
-    DEFAULTS.merge(options)  # bad options fail here, before a loop is even started
+    checked = DEFAULTS.merge(options)  # bad options fail here, before a loop is even started
     if _event_loop_running():
         raise RuntimeError(
             "run_isolated() blocks, and an event loop is running in this thread: use "
             "'await isolated(...)' there instead"
         )
-    return anyio.run(functools.partial(isolated, func, *args, **options))
+    return anyio.run(_value_of, func, args, checked, _threads.caller())
+
+
+async def _value_of(
+    func: Callable[..., Any], args: tuple[Any, ...], options: Options, site: _threads.Site
+) -> Any:
+    value, _ = await run(func, args, options, site=site)
+    return value
 
 
 def _event_loop_running() -> bool:
@@ -69,8 +77,7 @@ class _Isolate:
     """The decorator `isolate` returns when given options."""
 
     def __init__(self, options: CallOptions) -> None:
-        DEFAULTS.merge(options)  # check them where the decorator is applied
-        self._options = options
+        self._options = DEFAULTS.merge(options)  # checked where the decorator is applied
 
     @overload
     def __call__(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]: ...
@@ -83,7 +90,9 @@ class _Isolate:
 
         @functools.wraps(func)
         async def run_in_a_child(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return await isolated(functools.partial(func, *args, **kwargs), **options)
+            call = functools.partial(func, *args, **kwargs)
+            value, _ = await run(call, (), options, site=_threads.caller())
+            return value
 
         return run_in_a_child
 

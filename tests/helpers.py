@@ -170,3 +170,15 @@ def one_variant(test: object) -> object:
     for mark in ONE_VARIANT:
         test = mark(test)
     return test
+
+
+# Interpreter options for a program that must fork without either warning about threads: ours
+# shows by default, and this shows Python's own (3.12+; a DeprecationWarning, hidden by
+# default). (-W cannot name our category: it is read before the package can be imported.)
+FORK_WARNINGS = ["-W", "always::DeprecationWarning"]
+
+
+def assert_no_fork_warning(stderr: str) -> None:
+    assert "ThreadedForkWarning" not in stderr, stderr
+    assert "multi-threaded, use of fork()" not in stderr, stderr
+    assert "Invalid -W option" not in stderr, stderr

@@ -19,6 +19,7 @@ import distributed
 import psutil
 import pytest
 import remote
+from helpers import FORK_WARNINGS, assert_no_fork_warning
 
 from aioisolate import (
     ChildCrashed,
@@ -291,12 +292,13 @@ async def test_the_example_finds_what_a_local_search_finds(cluster: Cluster) -> 
 def test_the_example_runs_on_a_cluster_of_its_own() -> None:
     example = Path(__file__).parents[1] / "examples" / "dask_tree_search.py"
     result = subprocess.run(
-        [sys.executable, str(example), "--depth", "4", "--positions", "2"],
+        [sys.executable, *FORK_WARNINGS, str(example), "--depth", "4", "--positions", "2"],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     )
+    assert_no_fork_warning(result.stderr)
     lines = result.stdout.splitlines()
     assert lines[0].startswith("opening (3, 3): best move column ")
     assert lines[1].startswith("opening (3, 2): best move column ")

@@ -7,11 +7,13 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import anyio
 import pytest
+from helpers import FORK_WARNINGS, assert_no_fork_warning
 
-from aioisolate import _demo
+from aioisolate import ThreadedForkWarning, _demo, _threads
 
 # The demo runs its own calls; the watcher variants are tested elsewhere.
 pytestmark = pytest.mark.parametrize("child_watcher", ["pidfd"], indirect=True)
@@ -21,6 +23,7 @@ def run_demo(*command: str) -> str:
     result = subprocess.run(
         [*command, "demo", "--quick"], capture_output=True, text=True, timeout=300, check=True
     )
+    assert_no_fork_warning(result.stderr)
     return result.stdout
 
 
@@ -41,7 +44,7 @@ def mib(cell: str) -> float:
 
 def test_the_demo_shows_what_isolation_changes() -> None:
     # Not a terminal: the plain-text table.
-    output = run_demo(sys.executable, "-m", "aioisolate")
+    output = run_demo(sys.executable, *FORK_WARNINGS, "-m", "aioisolate")
     in_process, isolated = cells(output, "leaky function, 5 calls of 10 MB")
     assert mib(in_process) >= 45  # the leaks stay in the program
     assert mib(isolated) < 5  # they died with the children
@@ -66,7 +69,12 @@ def test_on_a_terminal_the_table_is_drawn_with_rich(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("COLUMNS", "160")
-    rows = anyio.run(functools.partial(_demo.demo, quick=True, fancy=True))
+    monkeypatch.setattr(_threads, "_warned", False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        rows = anyio.run(functools.partial(_demo.demo, quick=True, fancy=True))
+    # rich's progress bar draws without a refresh thread: its forks warn of no thread.
+    assert not [w for w in seen if issubclass(w.category, ThreadedForkWarning)]
     out = capsys.readouterr().out
     assert "in-process versus isolated" in out
     assert "┃" in out  # rich's box drawing, not the plain table

@@ -17,6 +17,7 @@ import anyio
 import httpx
 import pytest
 import web_service
+from helpers import FORK_WARNINGS, assert_no_fork_warning
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
@@ -140,7 +141,7 @@ async def test_another_exception_in_the_parser_is_500(
 @pytest.mark.anyio
 async def test_web_service_as_a_program() -> None:
     """The real thing: uvicorn in a process of its own, which survives a crashing upload."""
-    command = [sys.executable, str(EXAMPLES / "web_service.py"), "--port", "0"]
+    command = [sys.executable, *FORK_WARNINGS, str(EXAMPLES / "web_service.py"), "--port", "0"]
     log = ""
     log_ended = False
     log_changed = anyio.Event()
@@ -180,6 +181,7 @@ async def test_web_service_as_a_program() -> None:
     assert health.json() == {"status": "ok", "pid": server.pid}  # the same process throughout
     assert "the parser crashed: child process" in log
     assert "Finished server process" in log  # uvicorn's graceful shutdown
+    assert_no_fork_warning(log)
     # uvicorn (0.29 on) raises the signal again once it has shut down, so the server ends as
     # SIGTERM's default would have ended it.
     assert returncode == -signal.SIGTERM
@@ -187,12 +189,13 @@ async def test_web_service_as_a_program() -> None:
 
 def test_trio_program_reports_its_calls() -> None:
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "trio_program.py")],
+        [sys.executable, *FORK_WARNINGS, str(EXAMPLES / "trio_program.py")],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
     )
+    assert_no_fork_warning(result.stderr)
     out = result.stdout
     figures = r"child \d+: wall [\d.]+ s, cpu [\d.]+ s, peak [\d.]+ MiB"
     assert re.search(rf"primes below 20,000,000 +1,270,607   {figures}", out), out

@@ -14,6 +14,7 @@ import parallel_tree_search as c4
 import psutil
 import pytest
 import tree_search
+from helpers import FORK_WARNINGS, assert_no_fork_warning
 
 from aioisolate import isolated
 
@@ -111,8 +112,9 @@ async def test_connect_four_isolated_agrees_with_in_process() -> None:
     ],
 )
 def test_example_runs(script: str, expected: str) -> None:
+    # parallel_tree_search draws a tqdm_progress bar (on stderr): without a monitor thread.
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / script)]
+        [sys.executable, *FORK_WARNINGS, str(EXAMPLES / script)]
         + (["--depth", "6"] if script == "parallel_tree_search.py" else []),
         capture_output=True,
         text=True,
@@ -120,3 +122,4 @@ def test_example_runs(script: str, expected: str) -> None:
         check=True,
     )
     assert expected in result.stdout
+    assert_no_fork_warning(result.stderr)

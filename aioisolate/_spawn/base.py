@@ -21,6 +21,7 @@ from .._codec import PICKLE, Codec
 from .._options import Options
 from .._output import Tail
 from .._running import RunningChild
+from .._threads import Site
 from .._watch import ChildWatcher
 
 
@@ -28,10 +29,17 @@ class Spawner(Protocol):
     """A way of starting the child of a call (fork mode, zygote mode)."""
 
     async def spawn(
-        self, func: Callable[..., Any], args: tuple[Any, ...], options: Options, *, stream: bool
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        options: Options,
+        *,
+        stream: bool,
+        site: Site | None,
     ) -> RunningChild:
         """Start a child that runs ``func(*args)`` (a generator function, sending its items as
-        they come, with ``stream``) and return it running.
+        they come, with ``stream``) and return it running. ``site`` is where the user's call
+        entered the library, for the warnings a start may issue there.
 
         Nothing is left behind when this raises: a child it started is killed and reaped, and
         its fds are closed. Options are checked already; it raises `IsolationError` when the

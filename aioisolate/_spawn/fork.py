@@ -30,7 +30,13 @@ class ForkSpawner:
     """Starts each call's child with a fork of this process."""
 
     async def spawn(
-        self, func: Callable[..., Any], args: tuple[Any, ...], options: Options, *, stream: bool
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        options: Options,
+        *,
+        stream: bool,
+        site: _threads.Site | None,
     ) -> RunningChild:
         mechanism = _watch.select_watcher()  # raises before any fork if the forced one fails
         try:
@@ -42,7 +48,7 @@ class ForkSpawner:
         try:
             await anyio.lowlevel.checkpoint_if_cancelled()
             # The child holds the lock until its first wait has let the loop turn.
-            return _start(func, args, options, stream, mechanism, forks)
+            return _start(func, args, options, stream, mechanism, forks, site)
         except BaseException:
             forks.release()
             raise
@@ -58,6 +64,7 @@ def _start(
     stream: bool,
     mechanism: _watch.Mechanism,
     forks: anyio.Lock,
+    site: _threads.Site | None,
 ) -> RunningChild:
     parent_pid = os.getpid()
     flush_parent_stdio()
@@ -88,7 +95,7 @@ def _start(
             def child(sigmask: set[int]) -> None:
                 _child.run(func, args, plan, sigmask)
 
-            pid = _forking.fork(child, os_fork=_threads.fork)
+            pid = _forking.fork(child, os_fork=lambda: _threads.fork(site))
             pipes.close_write_ends()
             watcher = _watch.watch(pid, mechanism, _fds.library_fds)
             return pipes.running(

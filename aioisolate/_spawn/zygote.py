@@ -26,6 +26,7 @@ from .._errors import IsolationError
 from .._options import Options
 from .._outcome import cannot_start
 from .._running import RunningChild
+from .._threads import Site
 from .._watch.zygote import ZygoteWatcher
 from .._zygote_helper import Busy, TooBig
 from .._zygote_main import Request
@@ -54,8 +55,15 @@ class ZygoteSpawner:
         self._zygote = zygote
 
     async def spawn(
-        self, func: Callable[..., Any], args: tuple[Any, ...], options: Options, *, stream: bool
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        options: Options,
+        *,
+        stream: bool,
+        site: Site | None,
     ) -> RunningChild:
+        # (No fork here, so no warning about this process's threads: ``site`` goes unused.)
         # A bad AIOISOLATE_CHILD_WATCHER fails here too, before a helper is started with it.
         _watch.select_watcher()
         payload = Payload(func, args, options.codec)  # TypeError if it cannot be pickled
